@@ -1,0 +1,8 @@
+//! streamdest: a streaming HTTP API destination on timely + differential dataflow.
+//!
+//! Stages, each a module: [`config`] (the user's JSON → a validated plan), [`events`] (input
+//! lines → dataflow updates), the dataflow itself (the `streamdest-operators` crate),
+//! `egress` (exports → HTTP requests, retries, dead letters) and the command line in `main.rs`.
+
+pub mod config;
+pub mod secret;
