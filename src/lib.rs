@@ -5,4 +5,7 @@
 //! `egress` (exports → HTTP requests, retries, dead letters) and the command line in `main.rs`.
 
 pub mod config;
+pub mod events;
+pub mod pipeline;
+pub mod replay;
 pub mod secret;

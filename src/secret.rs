@@ -46,7 +46,9 @@ impl Secret {
     pub fn expose(&self) -> Result<String, MissingSecret> {
         match &self.0 {
             SecretSource::Literal(s) => Ok(s.clone()),
-            SecretSource::Env { env } => std::env::var(env).map_err(|_| MissingSecret { var: env.clone() }),
+            SecretSource::Env { env } => {
+                std::env::var(env).map_err(|_| MissingSecret { var: env.clone() })
+            }
         }
     }
 
@@ -87,7 +89,13 @@ mod tests {
 
     #[test]
     fn env_secret_reads_the_environment() {
-        let s: Secret = serde_json::from_str(r#"{"env":"STREAMDEST_TEST_SECRET_UNSET_VAR"}"#).unwrap();
-        assert_eq!(s.expose(), Err(MissingSecret { var: "STREAMDEST_TEST_SECRET_UNSET_VAR".into() }));
+        let s: Secret =
+            serde_json::from_str(r#"{"env":"STREAMDEST_TEST_SECRET_UNSET_VAR"}"#).unwrap();
+        assert_eq!(
+            s.expose(),
+            Err(MissingSecret {
+                var: "STREAMDEST_TEST_SECRET_UNSET_VAR".into()
+            })
+        );
     }
 }

@@ -121,7 +121,9 @@ pub fn path_selects(mapped: &str, leaf_path: &str) -> bool {
 ///
 /// Where one leaf's path is a prefix of another's (a shape conflict between fragments), the
 /// shorter path, the leaf, is kept and the deeper ones are dropped.
-pub fn nest<'a>(leaves: impl IntoIterator<Item = (&'a str, &'a Leaf)>) -> serde_json::Map<String, Value> {
+pub fn nest<'a>(
+    leaves: impl IntoIterator<Item = (&'a str, &'a Leaf)>,
+) -> serde_json::Map<String, Value> {
     let mut root = serde_json::Map::new();
     let mut sorted: Vec<_> = leaves.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
@@ -159,13 +161,21 @@ mod tests {
         let paths: Vec<_> = flat.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["person.name.firstName", "person.tags", "points"]);
         let nested = nest(flat.iter().map(|(p, l)| (p.as_str(), l)));
-        assert_eq!(Value::Object(nested), json!({"person":{"name":{"firstName":"John"},"tags":[1,2]},"points":4.50}));
+        assert_eq!(
+            Value::Object(nested),
+            json!({"person":{"name":{"firstName":"John"},"tags":[1,2]},"points":4.50})
+        );
     }
 
     #[test]
     fn lookup_distinguishes_leaf_object_and_missing() {
-        let leaves: Leaves = [("a.b".to_string(), Leaf::Bool(true))].into_iter().collect();
-        assert_eq!(lookup(&leaves, "a.b"), Some(Lookup::Leaf(&Leaf::Bool(true))));
+        let leaves: Leaves = [("a.b".to_string(), Leaf::Bool(true))]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            lookup(&leaves, "a.b"),
+            Some(Lookup::Leaf(&Leaf::Bool(true)))
+        );
         assert_eq!(lookup(&leaves, "a"), Some(Lookup::Object));
         assert_eq!(lookup(&leaves, "a.bc"), None);
         assert_eq!(lookup(&leaves, "ab"), None);

@@ -109,7 +109,10 @@ impl Plan {
     }
 
     /// The audiences of a policy.
-    pub fn audiences_of(&self, policy: PolicyIdx) -> impl Iterator<Item = (AudienceIdx, &AudiencePlan)> {
+    pub fn audiences_of(
+        &self,
+        policy: PolicyIdx,
+    ) -> impl Iterator<Item = (AudienceIdx, &AudiencePlan)> {
         self.audiences
             .iter()
             .enumerate()

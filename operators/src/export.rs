@@ -1,0 +1,202 @@
+//! Export candidates and their encoding: which destinations a changed profile goes to, and the
+//! exact JSON payload (SPEC §3).
+//!
+//! The dataflow emits one [`Candidate`] per `(merge policy, profile)` whose status, identities or
+//! mapped attributes were touched in an epoch. [`encode`] applies the destination's mapping: the
+//! triggers (status change of a mapped audience; identity change or a mapped-path write while
+//! `realized` in a mapped audience) decide *whether*, the toggles decide the fields.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::input::{Identity, stable_hash};
+use crate::leaf::{Leaf, nest, path_selects};
+use crate::plan::{AudienceIdx, DestinationIdx, Plan, PolicyIdx};
+
+/// A profile's status for one audience. `None` (never a member) is the absence of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Status {
+    Exited,
+    Realized,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Exited => "exited",
+            Status::Realized => "realized",
+        }
+    }
+}
+
+/// A status with the time it was asserted (`lastQualificationTime`, µs since the Unix epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Membership {
+    pub audience: AudienceIdx,
+    pub status: Status,
+    pub since: i64,
+}
+
+/// A `(merge policy, profile)` that may have to be exported at the end of an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    pub policy: PolicyIdx,
+    /// Sorted; the first names the profile.
+    pub identities: Vec<Identity>,
+    /// The merged leaves of every mapped path (of any destination), sorted by path.
+    pub leaves: Vec<(String, Leaf)>,
+    /// Current memberships (realized or exited), sorted by audience.
+    pub memberships: Vec<Membership>,
+    /// Audiences whose status changed in the epoch, sorted.
+    pub changed: Vec<AudienceIdx>,
+    /// The identity map differs from the previous epoch's (added, removed, merged or split).
+    pub identity_changed: bool,
+    /// Mapped paths (indices into `Plan::mapped_paths`) written or removed by the epoch's
+    /// events for this profile, sorted.
+    pub touched: Vec<u16>,
+    /// The newest event for this profile in the epoch: unique, so no two epochs' candidates
+    /// of one profile are equal.
+    pub seq: u64,
+    /// The profile lost its last fragment in this epoch.
+    pub tombstone: bool,
+}
+
+impl Candidate {
+    /// `"namespace:id"` of the smallest identity.
+    pub fn profile_name(&self) -> String {
+        self.identities
+            .first()
+            .map(Identity::display)
+            .unwrap_or_default()
+    }
+}
+
+/// One export, ready for the egress.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Encoded {
+    pub destination: DestinationIdx,
+    pub profile: String,
+    /// Stable for the same input: the same export gets the same key after a restart.
+    pub idempotency_key: String,
+    pub payload: String,
+}
+
+/// Formats µs since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (fractions dropped).
+pub fn format_time(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Decides whether `candidate` goes to destination `dest`, and builds its payload.
+pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Option<Encoded> {
+    let destination = &plan.destinations[dest as usize];
+    let mapped = |a: AudienceIdx| {
+        destination
+            .mappings
+            .iter()
+            .find(|m| m.audience == a && plan.audiences[a as usize].policy == candidate.policy)
+    };
+    let status_changed = candidate.changed.iter().any(|&a| mapped(a).is_some());
+    let realized_mapped = candidate
+        .memberships
+        .iter()
+        .any(|m| m.status == Status::Realized && mapped(m.audience).is_some());
+    let wrote_mapped = candidate.touched.iter().any(|&i| {
+        let path = &plan.mapped_paths[i as usize];
+        destination.attributes.iter().any(|a| a == path)
+    });
+    let export =
+        status_changed || (realized_mapped && (candidate.identity_changed || wrote_mapped));
+    if !export {
+        return None;
+    }
+
+    let mut payload = nest(
+        candidate
+            .leaves
+            .iter()
+            .filter(|(p, _)| destination.attributes.iter().any(|a| path_selects(a, p)))
+            .map(|(p, l)| (p.as_str(), l)),
+    );
+
+    let mut ups = Map::new();
+    for m in &candidate.memberships {
+        let mapping = mapped(m.audience);
+        let changed = candidate.changed.binary_search(&m.audience).is_ok();
+        if !(m.status == Status::Realized || (changed && mapping.is_some())) {
+            continue;
+        }
+        let audience = &plan.audiences[m.audience as usize];
+        let mut entry = Map::new();
+        entry.insert("lastQualificationTime".into(), json!(format_time(m.since)));
+        entry.insert("status".into(), json!(m.status.as_str()));
+        if destination.include_segment_timestamps {
+            entry.insert("createdAt".into(), json!(audience.created_at));
+            entry.insert("updatedAt".into(), json!(audience.updated_at));
+            if let Some(mapping) = mapping {
+                entry.insert("mappingCreatedAt".into(), json!(mapping.created_at));
+                entry.insert("mappingUpdatedAt".into(), json!(mapping.updated_at));
+            }
+        }
+        if destination.include_segment_names && mapping.is_some() {
+            entry.insert("name".into(), json!(audience.name));
+        }
+        ups.insert(audience.id.clone(), Value::Object(entry));
+    }
+    payload.insert("segmentMembership".into(), json!({ "ups": ups }));
+
+    let mut identity_map = Map::new();
+    for identity in &candidate.identities {
+        let ids = identity_map
+            .entry(identity.namespace.clone())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(ids) = ids {
+            ids.push(json!({ "id": identity.id }));
+        }
+    }
+    payload.insert("identityMap".into(), Value::Object(identity_map));
+
+    let profile = candidate.profile_name();
+    let key = stable_hash(&(&destination.id, candidate.policy, &profile, candidate.seq));
+    Some(Encoded {
+        destination: dest,
+        profile,
+        idempotency_key: format!("{key:016x}-{:x}", candidate.seq),
+        payload: Value::Object(payload).to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_seconds() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_555_296_110_999_999), "2019-04-15T02:41:50Z");
+        assert_eq!(format_time(951_782_400_000_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(-1), "1969-12-31T23:59:59Z");
+    }
+}

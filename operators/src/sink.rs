@@ -1,0 +1,82 @@
+//! The exit of the dataflow: each worker turns the candidates of every *completed* epoch into
+//! encoded exports, one message per frontier advance.
+//!
+//! The sink reads its input frontier: once it has passed epoch `t`, no candidate of `t` can
+//! still arrive, so the epoch's exports are final. Only insertions are read (candidates hold for
+//! one epoch; their retractions at `t + 1` carry no news). Encoding runs here, on the worker
+//! threads, so JSON building scales with the workers. The receiver (the binary's egress feed)
+//! merges the workers' messages: an epoch is complete when every worker's `upper` is past it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+
+use crate::dataflow::PolicyProfile;
+use crate::export::{Candidate, Encoded, encode};
+use crate::input::Epoch;
+use crate::plan::{DestinationIdx, Plan};
+
+/// One worker's progress: every epoch below `upper` is complete on this worker, and `epochs`
+/// holds its exports of the epochs completed since its previous message.
+#[derive(Debug)]
+pub struct Completed {
+    pub worker: usize,
+    /// `Epoch::MAX` once the dataflow has finished.
+    pub upper: Epoch,
+    pub epochs: Vec<(Epoch, Vec<Encoded>)>,
+}
+
+/// Attaches the export sink to `candidates`; `emit` is called on the worker thread and must not
+/// block for long (hand the message to a channel).
+pub fn export_sink<'s>(
+    candidates: VecCollection<'s, Epoch, (PolicyProfile, Candidate), isize>,
+    plan: Arc<Plan>,
+    worker: usize,
+    mut emit: impl FnMut(Completed) + 'static,
+) {
+    let mut pending: BTreeMap<Epoch, Vec<Candidate>> = BTreeMap::new();
+    let mut reported: Epoch = 0;
+    candidates
+        .inner
+        .sink(Pipeline, "ExportSink", move |(input, frontier)| {
+            input.for_each(|_cap, updates| {
+                for ((_, candidate), epoch, diff) in updates.drain(..) {
+                    if diff > 0 {
+                        pending.entry(epoch).or_default().push(candidate);
+                    }
+                }
+            });
+            let upper = frontier
+                .frontier()
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(Epoch::MAX);
+            if upper <= reported {
+                return;
+            }
+            let mut epochs = Vec::new();
+            while let Some(entry) = pending.first_entry() {
+                if *entry.key() >= upper {
+                    break;
+                }
+                let (epoch, candidates) = entry.remove_entry();
+                let mut exports = Vec::new();
+                for candidate in &candidates {
+                    for dest in 0..plan.destinations.len() as DestinationIdx {
+                        exports.extend(encode(&plan, dest, candidate));
+                    }
+                }
+                epochs.push((epoch, exports));
+            }
+            reported = upper;
+            emit(Completed {
+                worker,
+                upper,
+                epochs,
+            });
+        });
+}

@@ -1,0 +1,239 @@
+//! The delivery service: one round of the retry policy for one export (SPEC §4).
+//!
+//! An *attempt* is: get the `Authorization` (maybe fetching a token), take one of the
+//! destination's `maxInFlight` slots, send with the `timeoutMs` deadline, classify:
+//!
+//! | result                                   | then                                        |
+//! |------------------------------------------|---------------------------------------------|
+//! | `2xx`                                    | delivered                                   |
+//! | `401` with OAuth2, first time this round | new token, one more attempt at once (not a retry) |
+//! | `retryOn` status, connection error, timeout, token fetch failure | retry after backoff / `Retry-After`, at most `maxRetries` times |
+//! | any other status, missing secret         | failed at once                              |
+//!
+//! The slot is held only while the request is in flight, not during backoff, so a
+//! destination's slow or failing profiles do not starve the others.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use hyper::StatusCode;
+use hyper::header::RETRY_AFTER;
+use tokio::sync::Semaphore;
+
+use super::auth::Authorizer;
+use super::request::RequestTemplate;
+use super::retry::{RetryPolicy, parse_retry_after};
+use super::transport::Transport;
+use crate::storage::DestinationSettings;
+
+/// Tunables shared by every destination of an egress (and by redrive).
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub retry_after_cap: Duration,
+    /// The largest response body read from an endpoint (the rest is not read).
+    pub max_response_body: usize,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            backoff_base: super::retry::DEFAULT_BACKOFF_BASE,
+            backoff_cap: super::retry::DEFAULT_BACKOFF_CAP,
+            retry_after_cap: super::retry::DEFAULT_RETRY_AFTER_CAP,
+            max_response_body: 64 * 1024,
+        }
+    }
+}
+
+/// Per-destination counters.
+#[derive(Debug)]
+pub struct Counters {
+    pub exports: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Submitted and not yet finished (queued or being delivered).
+    pub pending: AtomicU64,
+    /// HTTP requests sent to the endpoint.
+    pub requests: AtomicU64,
+    pub latency: std::sync::Mutex<Histogram<u64>>,
+}
+
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits; larger values saturate. Constant, valid bounds.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            exports: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            latency: std::sync::Mutex::new(new_histogram()),
+        }
+    }
+}
+
+/// One destination, ready to deliver: validated request template, auth, policy, slots.
+#[derive(Debug)]
+pub struct DestinationRuntime {
+    pub settings: DestinationSettings,
+    pub template: RequestTemplate,
+    pub authorizer: Authorizer,
+    pub policy: RetryPolicy,
+    pub timeout: Duration,
+    pub in_flight: Arc<Semaphore>,
+    pub counters: Counters,
+    pub max_response_body: usize,
+}
+
+impl DestinationRuntime {
+    /// Validates the settings (URL, headers, token URL). Errors name no secret.
+    pub fn new(settings: DestinationSettings, options: &ServiceOptions) -> Result<Self, String> {
+        let template = RequestTemplate::new(&settings.request_url, &settings.headers)?;
+        let authorizer = Authorizer::new(&settings.auth)?;
+        let policy = RetryPolicy::new(&settings.delivery, options.backoff_base, options.backoff_cap, options.retry_after_cap);
+        let timeout = Duration::from_millis(settings.delivery.timeout_ms.max(1));
+        let in_flight = Arc::new(Semaphore::new(settings.delivery.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
+        Ok(DestinationRuntime {
+            settings,
+            template,
+            authorizer,
+            policy,
+            timeout,
+            in_flight,
+            counters: Counters::default(),
+            max_response_body: options.max_response_body,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.settings.id
+    }
+}
+
+/// The result of one round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundResult {
+    pub delivered: bool,
+    /// Attempts made in this round (≥ 1).
+    pub attempts: u32,
+    /// The last response's status; `None` when the last attempt got no response.
+    pub last_status: Option<u16>,
+    /// Empty when delivered. Never contains a secret.
+    pub last_error: String,
+}
+
+enum Attempt {
+    Success(u16),
+    /// `401` to an OAuth2 token of this generation.
+    Unauthorized { generation: u64 },
+    Retryable { status: Option<u16>, error: String, retry_after: Option<Duration> },
+    Final { status: Option<u16>, error: String },
+}
+
+fn status_text(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("HTTP {} {reason}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    }
+}
+
+/// Delivers one export: one round of the retry policy.
+pub async fn deliver_round(rt: &DestinationRuntime, transport: &Transport, idempotency_key: &str, payload: &Bytes) -> RoundResult {
+    let mut attempts = 0u32;
+    let mut retries = 0u32;
+    let mut refresh_for: Option<u64> = None;
+    let mut refreshed_after_401 = false;
+    loop {
+        attempts += 1;
+        if attempts > 1 {
+            rt.counters.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        let attempt = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
+        let (status, error, retry_after) = match attempt {
+            Attempt::Success(status) => {
+                tracing::debug!(destination = rt.id(), status, attempts, "delivered");
+                return RoundResult { delivered: true, attempts, last_status: Some(status), last_error: String::new() };
+            }
+            Attempt::Unauthorized { generation } if !refreshed_after_401 => {
+                tracing::debug!(destination = rt.id(), attempts, "401 from the endpoint; refreshing the access token");
+                refreshed_after_401 = true;
+                refresh_for = Some(generation);
+                continue;
+            }
+            Attempt::Unauthorized { .. } => {
+                let status = StatusCode::UNAUTHORIZED;
+                if rt.policy.retries_status(401) {
+                    (Some(401), status_text(status), None)
+                } else {
+                    return failed(rt, attempts, Some(401), status_text(status));
+                }
+            }
+            Attempt::Final { status, error } => return failed(rt, attempts, status, error),
+            Attempt::Retryable { status, error, retry_after } => (status, error, retry_after),
+        };
+        if retries >= rt.policy.max_retries {
+            return failed(rt, attempts, status, error);
+        }
+        retries += 1;
+        let delay = rt.policy.random_delay(retries, retry_after);
+        tracing::debug!(destination = rt.id(), ?status, %error, attempts, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn failed(rt: &DestinationRuntime, attempts: u32, status: Option<u16>, error: String) -> RoundResult {
+    tracing::debug!(destination = rt.id(), ?status, %error, attempts, "delivery failed");
+    RoundResult { delivered: false, attempts, last_status: status, last_error: error }
+}
+
+async fn attempt(rt: &DestinationRuntime, transport: &Transport, idempotency_key: &str, payload: &Bytes, refresh_for: Option<u64>) -> Attempt {
+    let credential = match refresh_for {
+        Some(generation) => rt.authorizer.refresh_after_401(generation, transport, rt.timeout).await,
+        None => rt.authorizer.credential(transport, rt.timeout).await,
+    };
+    let credential = match credential {
+        Ok(c) => c,
+        Err(e) if e.is_retryable() => return Attempt::Retryable { status: None, error: e.to_string(), retry_after: None },
+        Err(e) => return Attempt::Final { status: None, error: e.to_string() },
+    };
+    let request = match rt.template.build(idempotency_key, payload, credential.header.as_ref()) {
+        Ok(r) => r,
+        Err(e) => return Attempt::Final { status: None, error: e },
+    };
+    let exchange = {
+        // The semaphore is never closed; a closed one would mean "no limit" rather than a hang.
+        let _slot = rt.in_flight.acquire().await.ok();
+        rt.counters.requests.fetch_add(1, Ordering::Relaxed);
+        transport.send(request, rt.timeout, rt.max_response_body).await
+    };
+    let exchange = match exchange {
+        Ok(x) => x,
+        Err(e) => return Attempt::Retryable { status: None, error: e.to_string(), retry_after: None },
+    };
+    let status = exchange.response.status();
+    tracing::trace!(destination = rt.id(), status = status.as_u16(), "endpoint answered");
+    if status.is_success() {
+        return Attempt::Success(status.as_u16());
+    }
+    if status == StatusCode::UNAUTHORIZED && rt.authorizer.is_oauth2() {
+        return Attempt::Unauthorized { generation: credential.generation };
+    }
+    let code = status.as_u16();
+    if rt.policy.retries_status(code) {
+        let retry_after = exchange.response.headers().get(RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
+        Attempt::Retryable { status: Some(code), error: status_text(status), retry_after }
+    } else {
+        Attempt::Final { status: Some(code), error: status_text(status) }
+    }
+}

@@ -1,0 +1,486 @@
+//! The events stage: input lines (SPEC §1) → typed events → the dataflow's epoch inputs.
+//!
+//! Parsing is strict about what it needs and lenient about the rest: unknown fields are
+//! ignored, a missing or ill-typed required field is an [`EventError`] naming the field. An
+//! [`EpochBuilder`] then collapses one epoch's events into the per-key form the dataflow's
+//! upsert inputs need, keeping every event's mark for the export triggers.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+use streamdest_operators::input::{EpochInput, EventMark, Fragment, Identity, fragment_key};
+use streamdest_operators::leaf::flatten;
+use streamdest_operators::plan::{AudienceIdx, AudienceKind, Plan};
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("an event must be a JSON object")]
+    NotAnObject,
+    #[error("field `{field}`: {problem}")]
+    Field { field: String, problem: String },
+    #[error("unknown event type {0:?} (expected fragment, fragmentDelete or uploadMembers)")]
+    UnknownType(String),
+}
+
+fn field_err(field: impl Into<String>, problem: impl Into<String>) -> EventError {
+    EventError::Field {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// One parsed input event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Fragment {
+        dataset: String,
+        id: String,
+        timestamp: Option<i64>,
+        /// `(identity, primary)` in input order.
+        identities: Vec<(Identity, bool)>,
+        attributes: Map<String, Value>,
+    },
+    FragmentDelete {
+        dataset: String,
+        id: String,
+        timestamp: Option<i64>,
+    },
+    UploadMembers {
+        audience: String,
+        timestamp: Option<i64>,
+        add: Vec<Identity>,
+        remove: Vec<Identity>,
+    },
+}
+
+impl Event {
+    pub fn timestamp(&self) -> Option<i64> {
+        match self {
+            Event::Fragment { timestamp, .. }
+            | Event::FragmentDelete { timestamp, .. }
+            | Event::UploadMembers { timestamp, .. } => *timestamp,
+        }
+    }
+}
+
+/// Parses one line of NDJSON.
+pub fn parse_line(line: &str) -> Result<Event, EventError> {
+    let value: Value = serde_json::from_str(line).map_err(|e| EventError::Json(e.to_string()))?;
+    parse_value(&value)
+}
+
+fn string(obj: &Map<String, Value>, field: &str) -> Result<String, EventError> {
+    match obj.get(field) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(field_err(field, "must not be empty")),
+        Some(_) => Err(field_err(field, "must be a string")),
+        None => Err(field_err(field, "missing")),
+    }
+}
+
+/// Parses an RFC 3339 timestamp to µs since the Unix epoch.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+fn timestamp(obj: &Map<String, Value>) -> Result<Option<i64>, EventError> {
+    match obj.get("timestamp") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => parse_timestamp(s)
+            .map(Some)
+            .ok_or_else(|| field_err("timestamp", format!("{s:?} is not an RFC 3339 time"))),
+        Some(_) => Err(field_err("timestamp", "must be an RFC 3339 string")),
+    }
+}
+
+fn identity_list(obj: &Map<String, Value>, field: &str) -> Result<Vec<Identity>, EventError> {
+    let list = match obj.get(field) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(field_err(field, "must be an array")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{field}[{i}]");
+            let item = item
+                .as_object()
+                .ok_or_else(|| field_err(&at, "must be an object"))?;
+            let namespace = string(item, "namespace").map_err(|e| nest(&at, e))?;
+            let id = string(item, "id").map_err(|e| nest(&at, e))?;
+            Ok(Identity { namespace, id })
+        })
+        .collect()
+}
+
+fn nest(prefix: &str, error: EventError) -> EventError {
+    match error {
+        EventError::Field { field, problem } => field_err(format!("{prefix}.{field}"), problem),
+        other => other,
+    }
+}
+
+fn identity_map(obj: &Map<String, Value>) -> Result<Vec<(Identity, bool)>, EventError> {
+    let map = match obj.get("identityMap") {
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(field_err("identityMap", "must be an object")),
+        None => return Err(field_err("identityMap", "missing")),
+    };
+    let mut out = Vec::new();
+    for (namespace, entries) in map {
+        let at = format!("identityMap.{namespace}");
+        if namespace.is_empty() {
+            return Err(field_err("identityMap", "a namespace must not be empty"));
+        }
+        let entries = entries
+            .as_array()
+            .ok_or_else(|| field_err(&at, "must be an array"))?;
+        for (i, entry) in entries.iter().enumerate() {
+            let at = format!("{at}[{i}]");
+            let entry = entry
+                .as_object()
+                .ok_or_else(|| field_err(&at, "must be an object"))?;
+            let id = string(entry, "id").map_err(|e| nest(&at, e))?;
+            let primary = match entry.get("primary") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(field_err(format!("{at}.primary"), "must be a boolean")),
+            };
+            out.push((
+                Identity {
+                    namespace: namespace.clone(),
+                    id,
+                },
+                primary,
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(field_err("identityMap", "must hold at least one identity"));
+    }
+    Ok(out)
+}
+
+/// Parses one event object.
+pub fn parse_value(value: &Value) -> Result<Event, EventError> {
+    let obj = value.as_object().ok_or(EventError::NotAnObject)?;
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(field_err("type", "must be a string")),
+        None => return Err(field_err("type", "missing")),
+    };
+    match kind {
+        "fragment" => {
+            let attributes = match obj.get("attributes") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(map)) => map.clone(),
+                Some(_) => return Err(field_err("attributes", "must be an object")),
+            };
+            Ok(Event::Fragment {
+                dataset: string(obj, "dataset")?,
+                id: string(obj, "id")?,
+                timestamp: timestamp(obj)?,
+                identities: identity_map(obj)?,
+                attributes,
+            })
+        }
+        "fragmentDelete" => Ok(Event::FragmentDelete {
+            dataset: string(obj, "dataset")?,
+            id: string(obj, "id")?,
+            timestamp: timestamp(obj)?,
+        }),
+        "uploadMembers" => Ok(Event::UploadMembers {
+            audience: string(obj, "audience")?,
+            timestamp: timestamp(obj)?,
+            add: identity_list(obj, "add")?,
+            remove: identity_list(obj, "remove")?,
+        }),
+        other => Err(EventError::UnknownType(other.to_string())),
+    }
+}
+
+/// An event resolved against the plan, ready for an epoch.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Upsert(Fragment),
+    Delete {
+        dataset: String,
+        id: String,
+        ts: i64,
+        seq: u64,
+    },
+    Upload {
+        audience: AudienceIdx,
+        add: Vec<Identity>,
+        remove: Vec<Identity>,
+        ts: i64,
+        seq: u64,
+    },
+}
+
+impl Update {
+    /// Resolves `event` (sequence number `seq`, ingested at `now` µs) against `plan`.
+    pub fn resolve(plan: &Plan, event: Event, seq: u64, now: i64) -> Result<Update, EventError> {
+        let ts = event.timestamp().unwrap_or(now);
+        Ok(match event {
+            Event::Fragment {
+                dataset,
+                id,
+                identities,
+                attributes,
+                ..
+            } => {
+                let primary = identities
+                    .iter()
+                    .find(|(_, p)| *p)
+                    .map(|(i, _)| i.clone())
+                    .or_else(|| identities.iter().map(|(i, _)| i).min().cloned())
+                    .ok_or_else(|| field_err("identityMap", "must hold at least one identity"))?;
+                let mut identities: Vec<Identity> =
+                    identities.into_iter().map(|(i, _)| i).collect();
+                identities.sort();
+                identities.dedup();
+                let leaves = flatten(&attributes);
+                let mut mapped: Vec<u16> = leaves
+                    .iter()
+                    .flat_map(|(p, _)| plan.mapped_indices_of(p))
+                    .collect();
+                mapped.sort_unstable();
+                mapped.dedup();
+                Update::Upsert(Fragment {
+                    dataset,
+                    id,
+                    identities,
+                    primary,
+                    leaves,
+                    ts,
+                    seq,
+                    mapped,
+                })
+            }
+            Event::FragmentDelete { dataset, id, .. } => Update::Delete {
+                dataset,
+                id,
+                ts,
+                seq,
+            },
+            Event::UploadMembers {
+                audience,
+                add,
+                remove,
+                ..
+            } => {
+                let idx = plan
+                    .audiences
+                    .iter()
+                    .position(|a| a.id == audience)
+                    .ok_or_else(|| {
+                        field_err("audience", format!("unknown audience {audience:?}"))
+                    })?;
+                if !matches!(plan.audiences[idx].kind, AudienceKind::Upload) {
+                    return Err(field_err(
+                        "audience",
+                        format!("audience {audience:?} is rule-based, not a custom upload"),
+                    ));
+                }
+                Update::Upload {
+                    audience: idx as AudienceIdx,
+                    add,
+                    remove,
+                    ts,
+                    seq,
+                }
+            }
+        })
+    }
+
+    /// The key that decides which worker ingests the update.
+    pub fn route(&self) -> u64 {
+        match self {
+            Update::Upsert(f) => f.key(),
+            Update::Delete { dataset, id, .. } => fragment_key(dataset, id),
+            Update::Upload { audience, .. } => u64::from(*audience),
+        }
+    }
+}
+
+/// Collapses one epoch's updates into the dataflow's per-key inputs, split across workers.
+#[derive(Debug)]
+pub struct EpochBuilder {
+    peers: usize,
+    fragments: Vec<BTreeMap<u64, Option<Fragment>>>,
+    uploads: Vec<BTreeMap<(AudienceIdx, u64), bool>>,
+    inputs: Vec<EpochInput>,
+    events: usize,
+}
+
+impl EpochBuilder {
+    pub fn new(peers: usize) -> Self {
+        let peers = peers.max(1);
+        EpochBuilder {
+            peers,
+            fragments: vec![BTreeMap::new(); peers],
+            uploads: vec![BTreeMap::new(); peers],
+            inputs: vec![EpochInput::default(); peers],
+            events: 0,
+        }
+    }
+
+    /// Events added since the last [`EpochBuilder::finish`].
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    fn worker(&self, key: u64) -> usize {
+        (key % self.peers as u64) as usize
+    }
+
+    pub fn add(&mut self, update: Update) {
+        self.events += 1;
+        match update {
+            Update::Upsert(fragment) => {
+                let key = fragment.key();
+                let w = self.worker(key);
+                let mark = EventMark {
+                    ts: fragment.ts,
+                    seq: fragment.seq,
+                    mapped: fragment.mapped.clone(),
+                };
+                self.inputs[w].fragment_marks.push((key, mark));
+                self.fragments[w].insert(key, Some(fragment));
+            }
+            Update::Delete {
+                dataset,
+                id,
+                ts,
+                seq,
+            } => {
+                let key = fragment_key(&dataset, &id);
+                let w = self.worker(key);
+                self.inputs[w].fragment_marks.push((
+                    key,
+                    EventMark {
+                        ts,
+                        seq,
+                        mapped: Vec::new(),
+                    },
+                ));
+                self.fragments[w].insert(key, None);
+            }
+            Update::Upload {
+                audience,
+                add,
+                remove,
+                ts,
+                seq,
+            } => {
+                for (identities, member) in [(add, true), (remove, false)] {
+                    for identity in identities {
+                        let key = (audience, identity.key());
+                        let w = self.worker(key.1);
+                        self.inputs[w].upload_marks.push((
+                            key,
+                            EventMark {
+                                ts,
+                                seq,
+                                mapped: Vec::new(),
+                            },
+                        ));
+                        self.uploads[w].insert(key, member);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The epoch's input for each worker (index = worker), leaving the builder empty.
+    pub fn finish(&mut self) -> Vec<EpochInput> {
+        self.events = 0;
+        let mut out = std::mem::replace(&mut self.inputs, vec![EpochInput::default(); self.peers]);
+        for (w, input) in out.iter_mut().enumerate() {
+            input.fragments = std::mem::take(&mut self.fragments[w]).into_iter().collect();
+            input.uploads = std::mem::take(&mut self.uploads[w]).into_iter().collect();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_spec_examples() {
+        let e = parse_line(r#"{"type":"fragment","dataset":"crm","id":"c-17","timestamp":"2024-05-01T10:00:00Z","identityMap":{"ecid":[{"id":"1457500653"}],"email":[{"id":"john@acme.com","primary":true}]},"attributes":{"person":{"name":{"firstName":"John"}}},"extra":1}"#).unwrap();
+        match e {
+            Event::Fragment {
+                identities,
+                timestamp,
+                ..
+            } => {
+                assert_eq!(identities.len(), 2);
+                assert!(identities[1].1);
+                assert_eq!(timestamp, Some(1_714_557_600_000_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_line(r#"{"type":"fragmentDelete","dataset":"crm","id":"c-17"}"#),
+            Ok(Event::FragmentDelete {
+                timestamp: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_line(
+                r#"{"type":"uploadMembers","audience":"vip","add":[{"namespace":"email","id":"a"}],"remove":[]}"#
+            ),
+            Ok(Event::UploadMembers { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"dataset":"d"}"#, "field `type`: missing"),
+            (
+                r#"{"type":"fragment","id":"1","identityMap":{"e":[{"id":"x"}]}}"#,
+                "field `dataset`: missing",
+            ),
+            (
+                r#"{"type":"fragment","dataset":"d","id":"1","identityMap":{}}"#,
+                "field `identityMap`: must hold at least one identity",
+            ),
+            (
+                r#"{"type":"fragment","dataset":"d","id":"1","identityMap":{"e":[{"id":7}]}}"#,
+                "field `identityMap.e[0].id`: must be a string",
+            ),
+            (
+                r#"{"type":"fragment","dataset":"d","id":"1","timestamp":"yesterday","identityMap":{"e":[{"id":"x"}]}}"#,
+                "field `timestamp`: \"yesterday\" is not an RFC 3339 time",
+            ),
+            (
+                r#"{"type":"fragmentDelete","dataset":"d","id":5}"#,
+                "field `id`: must be a string",
+            ),
+            (
+                r#"{"type":"merge"}"#,
+                "unknown event type \"merge\" (expected fragment, fragmentDelete or uploadMembers)",
+            ),
+            (r#"[1]"#, "an event must be a JSON object"),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(
+                parse_line(line).unwrap_err().to_string(),
+                expected,
+                "{line}"
+            );
+        }
+        assert!(matches!(parse_line("{nope"), Err(EventError::Json(_))));
+    }
+}

@@ -1,0 +1,268 @@
+//! The running dataflow: timely workers fed epoch by epoch, and the merge of their completed
+//! epochs into one ordered stream of exports for the egress.
+//!
+//! Threads: the caller feeds epochs ([`Pipeline::push`]); each timely worker thread owns its
+//! dataflow and takes its share of every epoch from a channel; the workers' sinks report
+//! completed epochs to an [`ExportStream`], which yields them in epoch order once every local
+//! worker is past them. Backpressure: the feeder waits while more than `window` epochs are
+//! pushed but not yet acknowledged by the consumer ([`ExportStream::ack`]), so a slow endpoint
+//! holds the dataflow back and memory stays bounded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use streamdest_operators::dataflow::build;
+use streamdest_operators::export::Encoded;
+use streamdest_operators::input::{Epoch, EpochInput};
+use streamdest_operators::plan::Plan;
+use streamdest_operators::sink::{Completed, export_sink};
+use timely::WorkerConfig;
+
+/// Timely's cluster options, for running one dataflow across processes.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub processes: usize,
+    pub process: usize,
+    /// A file of `host:port` lines, one per process; default `localhost:2101+i`.
+    pub hostfile: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Worker threads in this process.
+    pub workers: usize,
+    pub cluster: Option<Cluster>,
+    /// Epochs that may be pushed ahead of the consumer's acknowledgements.
+    pub window: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            workers: 1,
+            cluster: None,
+            window: 64,
+        }
+    }
+}
+
+enum WorkerMsg {
+    Epoch(Epoch, EpochInput),
+}
+
+/// A running dataflow.
+pub struct Pipeline {
+    senders: Vec<Sender<WorkerMsg>>,
+    guards: Option<timely::communication::WorkerGuards<()>>,
+    peers: usize,
+    first_local: usize,
+    acks: Receiver<Epoch>,
+    acked: Option<Epoch>,
+    window: u64,
+    next: Epoch,
+}
+
+/// The consumer end: completed epochs in order.
+pub struct ExportStream {
+    completed: Receiver<Completed>,
+    acks: Sender<Epoch>,
+    uppers: BTreeMap<usize, Epoch>,
+    pending: BTreeMap<Epoch, Vec<Encoded>>,
+    ready: std::collections::VecDeque<(Epoch, Vec<Encoded>)>,
+    done: bool,
+}
+
+impl Pipeline {
+    /// Starts the workers; returns the feeding end and the consuming end.
+    pub fn start(
+        plan: Arc<Plan>,
+        config: PipelineConfig,
+    ) -> anyhow::Result<(Pipeline, ExportStream)> {
+        let workers = config.workers.max(1);
+        let mut args = vec!["-w".to_string(), workers.to_string()];
+        let (peers, first_local) = match &config.cluster {
+            Some(c) if c.processes > 1 => {
+                args.extend([
+                    "-n".into(),
+                    c.processes.to_string(),
+                    "-p".into(),
+                    c.process.to_string(),
+                ]);
+                if let Some(h) = &c.hostfile {
+                    args.extend(["-h".into(), h.clone()]);
+                }
+                (workers * c.processes, workers * c.process)
+            }
+            _ => (workers, 0),
+        };
+        let mut timely_config = timely::Config::from_args(args.into_iter())
+            .map_err(|e| anyhow!("timely options: {e}"))?;
+        timely_config.worker = WorkerConfig::default();
+        differential_dataflow::configure(
+            &mut timely_config.worker,
+            &differential_dataflow::Config::default().idle_merge_effort(Some(1_000)),
+        );
+
+        let (completed_tx, completed_rx) = crossbeam_channel::unbounded::<Completed>();
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..workers {
+            let (tx, rx) = crossbeam_channel::unbounded::<WorkerMsg>();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let receivers = Arc::new(std::sync::Mutex::new(
+            receivers.into_iter().map(Some).collect::<Vec<_>>(),
+        ));
+
+        let guards = timely::execute(timely_config, move |worker| {
+            let local = worker.index() - first_local;
+            let rx = receivers
+                .lock()
+                .ok()
+                .and_then(|mut r| r.get_mut(local).and_then(Option::take))
+                .expect("each local worker takes its own channel once");
+            let completed_tx = completed_tx.clone();
+            let plan = plan.clone();
+            let index = worker.index();
+            let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
+                let (inputs, candidates) = build(scope, plan.clone());
+                export_sink(candidates, plan, index, move |c| {
+                    let _ = completed_tx.send(c);
+                });
+                inputs
+            });
+            loop {
+                match rx.try_recv() {
+                    Ok(WorkerMsg::Epoch(epoch, data)) => {
+                        inputs.push(epoch, data);
+                        worker.step();
+                    }
+                    Err(TryRecvError::Empty) => {
+                        worker.step_or_park(Some(Duration::from_millis(1)));
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            // Dropping the inputs closes them; timely then runs the dataflow to completion.
+        })
+        .map_err(|e| anyhow!("starting timely workers: {e}"))?;
+
+        let (acks_tx, acks_rx) = crossbeam_channel::unbounded();
+        let pipeline = Pipeline {
+            senders,
+            guards: Some(guards),
+            peers,
+            first_local,
+            acks: acks_rx,
+            acked: None,
+            window: config.window.max(1),
+            next: 0,
+        };
+        let stream = ExportStream {
+            completed: completed_rx,
+            acks: acks_tx,
+            uppers: (first_local..first_local + workers)
+                .map(|w| (w, 0))
+                .collect(),
+            pending: BTreeMap::new(),
+            ready: Default::default(),
+            done: false,
+        };
+        Ok((pipeline, stream))
+    }
+
+    /// Workers in the whole computation (all processes).
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+
+    /// The next epoch number [`Pipeline::push`] will use.
+    pub fn next_epoch(&self) -> Epoch {
+        self.next
+    }
+
+    /// Pushes one epoch: `inputs[w]` is global worker `w`'s share; this process sends its own
+    /// workers' shares. Blocks while the consumer is more than `window` epochs behind.
+    pub fn push(&mut self, mut inputs: Vec<EpochInput>) -> anyhow::Result<Epoch> {
+        let epoch = self.next;
+        while self
+            .acked
+            .map_or(epoch >= self.window, |a| epoch > a + self.window)
+        {
+            let a = self.acks.recv().context("the export consumer stopped")?;
+            self.acked = Some(self.acked.map_or(a, |b| b.max(a)));
+        }
+        inputs.resize_with(self.peers, EpochInput::default);
+        for (local, sender) in self.senders.iter().enumerate() {
+            let share = std::mem::take(&mut inputs[self.first_local + local]);
+            sender
+                .send(WorkerMsg::Epoch(epoch, share))
+                .map_err(|_| anyhow!("a dataflow worker stopped"))?;
+        }
+        self.next += 1;
+        Ok(epoch)
+    }
+
+    /// Closes the inputs and waits for the workers to finish the dataflow.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.senders.clear();
+        if let Some(guards) = self.guards.take() {
+            for result in guards.join() {
+                result.map_err(|e| anyhow!("dataflow worker failed: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ExportStream {
+    /// The next completed epoch and its exports (sorted by destination, then profile), or
+    /// `None` once the dataflow has finished. Epochs without exports are returned too.
+    pub fn next_epoch(&mut self) -> Option<(Epoch, Vec<Encoded>)> {
+        loop {
+            if let Some(ready) = self.ready.pop_front() {
+                return Some(ready);
+            }
+            if self.done {
+                return None;
+            }
+            let Ok(msg) = self.completed.recv() else {
+                self.done = true;
+                continue;
+            };
+            for (epoch, exports) in msg.epochs {
+                self.pending.entry(epoch).or_default().extend(exports);
+            }
+            let before = self.uppers.values().copied().min().unwrap_or(0);
+            self.uppers.insert(msg.worker, msg.upper);
+            let upper = self.uppers.values().copied().min().unwrap_or(Epoch::MAX);
+            if upper == Epoch::MAX {
+                self.done = true;
+            }
+            // Once finished, epochs past the last one with exports are all empty.
+            let end = if self.done {
+                self.pending
+                    .last_key_value()
+                    .map_or(before, |(e, _)| e + 1)
+                    .max(before)
+            } else {
+                upper
+            };
+            for epoch in before..end {
+                let mut exports = self.pending.remove(&epoch).unwrap_or_default();
+                exports
+                    .sort_by(|a, b| (a.destination, &a.profile).cmp(&(b.destination, &b.profile)));
+                self.ready.push_back((epoch, exports));
+            }
+        }
+    }
+
+    /// Tells the feeder that `epoch` has been handed on (delivered or queued for delivery).
+    pub fn ack(&self, epoch: Epoch) {
+        let _ = self.acks.send(epoch);
+    }
+}

@@ -1,0 +1,218 @@
+//! `streamdest replay`: pushes a history of events through the dataflow, `--batch` events an
+//! epoch, and hands every completed epoch's exports on: to standard output as JSON lines
+//! (`--dry-run`) or to the egress.
+//!
+//! A malformed line stops the feed: the events before it (its epoch's too) are processed and
+//! their exports handed on, then the error names the file and line.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use streamdest_operators::export::Encoded;
+use streamdest_operators::input::Epoch;
+use streamdest_operators::plan::Plan;
+
+use crate::events::{EpochBuilder, Update, parse_line};
+use crate::pipeline::{Cluster, ExportStream, Pipeline, PipelineConfig};
+
+/// Where the events come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Stdin,
+    File(PathBuf),
+}
+
+impl Source {
+    pub fn parse(arg: &str) -> Source {
+        if arg == "-" {
+            Source::Stdin
+        } else {
+            Source::File(PathBuf::from(arg))
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Source::Stdin => "stdin".into(),
+            Source::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    pub source: Source,
+    pub workers: usize,
+    pub batch: usize,
+    pub cluster: Option<Cluster>,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default)]
+pub struct FeedSummary {
+    pub events: u64,
+    pub epochs: u64,
+    pub exports: u64,
+    pub elapsed: Duration,
+    /// The malformed line that stopped the feed, as `FILE:LINE: reason`.
+    pub error: Option<String>,
+}
+
+/// Something that takes each completed epoch's exports, in epoch order.
+pub trait ExportHandler: Send + 'static {
+    fn epoch(&mut self, epoch: Epoch, exports: Vec<Encoded>) -> anyhow::Result<()>;
+}
+
+/// `--dry-run`: one JSON object a line on standard output.
+pub struct DryRun {
+    plan: Arc<Plan>,
+    out: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl DryRun {
+    pub fn new(plan: Arc<Plan>) -> Self {
+        DryRun {
+            plan,
+            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()),
+        }
+    }
+}
+
+impl ExportHandler for DryRun {
+    fn epoch(&mut self, _epoch: Epoch, exports: Vec<Encoded>) -> anyhow::Result<()> {
+        for e in exports {
+            let destination = &self.plan.destinations[e.destination as usize].id;
+            let payload: serde_json::Value = serde_json::from_str(&e.payload)?;
+            let line = serde_json::json!({"destination": destination, "profile": e.profile, "payload": payload});
+            writeln!(self.out, "{line}").context("writing to standard output")?;
+        }
+        self.out.flush().context("writing to standard output")?;
+        Ok(())
+    }
+}
+
+/// Discards exports, counting them (benchmarks).
+pub struct Discard;
+
+impl ExportHandler for Discard {
+    fn epoch(&mut self, _epoch: Epoch, _exports: Vec<Encoded>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the replay: feeds every event, lets `handler` take every epoch, returns the summary.
+pub fn replay<H: ExportHandler>(
+    plan: Arc<Plan>,
+    options: &ReplayOptions,
+    handler: H,
+) -> anyhow::Result<(FeedSummary, H)> {
+    let reader: Box<dyn BufRead> = match &options.source {
+        Source::Stdin => Box::new(std::io::BufReader::new(std::io::stdin())),
+        Source::File(path) => Box::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+    };
+    let name = options.source.name();
+    let lines = reader.lines().enumerate().map(move |(i, line)| {
+        line.map_err(|e| format!("{name}:{}: {e}", i + 1))
+            .map(|l| (i + 1, l))
+    });
+    let updates = {
+        let name = options.source.name();
+        let plan = plan.clone();
+        let mut seq = 0u64;
+        lines.filter_map(move |line| match line {
+            Err(e) => Some(Err(e)),
+            Ok((_, text)) if text.trim().is_empty() => None,
+            Ok((number, text)) => {
+                seq += 1;
+                let now = chrono::Utc::now().timestamp_micros();
+                Some(
+                    parse_line(&text)
+                        .and_then(|event| Update::resolve(&plan, event, seq, now))
+                        .map_err(|e| format!("{name}:{number}: {e}")),
+                )
+            }
+        })
+    };
+    feed(
+        plan,
+        options.workers,
+        options.cluster.clone(),
+        options.batch,
+        updates,
+        handler,
+    )
+}
+
+/// Feeds `updates` through a fresh pipeline, `batch` to an epoch.
+pub fn feed<H: ExportHandler>(
+    plan: Arc<Plan>,
+    workers: usize,
+    cluster: Option<Cluster>,
+    batch: usize,
+    updates: impl Iterator<Item = Result<Update, String>>,
+    handler: H,
+) -> anyhow::Result<(FeedSummary, H)> {
+    let mut handler = handler;
+    let started = Instant::now();
+    let config = PipelineConfig {
+        workers,
+        cluster,
+        ..Default::default()
+    };
+    let (mut pipeline, stream) = Pipeline::start(plan, config)?;
+    let consumer = std::thread::Builder::new()
+        .name("exports".into())
+        .spawn(move || -> anyhow::Result<(u64, H)> {
+            let mut stream: ExportStream = stream;
+            let mut count = 0;
+            while let Some((epoch, exports)) = stream.next_epoch() {
+                count += exports.len() as u64;
+                handler.epoch(epoch, exports)?;
+                stream.ack(epoch);
+            }
+            Ok((count, handler))
+        })
+        .context("starting the export thread")?;
+
+    let batch = batch.max(1);
+    let mut builder = EpochBuilder::new(pipeline.peers());
+    let mut summary = FeedSummary::default();
+    let mut failure = None;
+    for update in updates {
+        match update {
+            Ok(update) => {
+                builder.add(update);
+                summary.events += 1;
+                if builder.events() >= batch {
+                    pipeline.push(builder.finish())?;
+                }
+            }
+            Err(e) => {
+                summary.error = Some(e);
+                break;
+            }
+        }
+    }
+    if builder.events() > 0 {
+        if let Err(e) = pipeline.push(builder.finish()) {
+            failure = Some(e);
+        }
+    }
+    summary.epochs = pipeline.next_epoch();
+    pipeline.finish()?;
+    let (exports, handler) = consumer
+        .join()
+        .map_err(|_| anyhow!("the export thread panicked"))??;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    summary.exports = exports;
+    summary.elapsed = started.elapsed();
+    Ok((summary, handler))
+}

@@ -1,0 +1,8 @@
+//! Durable local storage in the data directory.
+//!
+//! For now one store: [`deadletter::DeadLetterStore`], the append-only log of exports that
+//! could not be delivered (SPEC §4, §5 `dead-letters`).
+
+pub mod deadletter;
+
+pub use deadletter::{DeadLetter, DeadLetterStore, DestinationSettings, NewDeadLetter, StoreError};
