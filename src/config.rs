@@ -400,7 +400,7 @@ enum AuthType {
 /// Every field any auth type has. A field that the chosen type does not use is ignored, but
 /// must still have the right type when present.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename = "Auth", rename_all = "camelCase")]
 struct AuthFields {
     #[serde(rename = "type")]
     kind: AuthType,
@@ -1404,4 +1404,147 @@ fn first_indices<'a>(ids: impl Iterator<Item = &'a str>) -> HashMap<&'a str, u16
         }
     }
     index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_join_in_name_index_form() {
+        assert_eq!(
+            ConfigError::new("rule", "x").within("audiences[2]").path,
+            "audiences[2].rule"
+        );
+        assert_eq!(
+            ConfigError::new("[1]", "x").within("retryOn").path,
+            "retryOn[1]"
+        );
+        assert_eq!(ConfigError::new("", "x").within("auth").path, "auth");
+        assert_eq!(ConfigError::new(ROOT, "x").within("auth").path, "auth");
+        assert_eq!(
+            ConfigError::new("clientSecret", "missing").to_string(),
+            "clientSecret: missing"
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_kept_as_given() {
+        assert_eq!(parse_query(""), Ok(vec![]));
+        assert_eq!(
+            parse_query("a=1&b=&flag&c=x%2Fy=z"),
+            Ok(vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "".into()),
+                ("flag".into(), "".into()),
+                ("c".into(), "x%2Fy=z".into()),
+            ])
+        );
+        for bad in [
+            "a=1 ", "a=é", "a=\t", "a=<x>", "&a=1", "a=1&&b=2", "a=%2", "a=%",
+        ] {
+            assert!(parse_query(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn header_names_are_tokens_and_values_have_no_controls() {
+        let ok = parse_headers("x-a:1,X_B!#$%&'*+.^`|~:v\ta , x-c : é", &Auth::None);
+        assert_eq!(
+            ok,
+            Ok(vec![
+                ("x-a".into(), "1".into()),
+                ("X_B!#$%&'*+.^`|~".into(), "v\ta".into()),
+                ("x-c".into(), "é".into()),
+            ])
+        );
+        for bad in [
+            "x(a):1",
+            "x\"a:1",
+            "x/a:1",
+            "é:1",
+            "x:a\rb",
+            "x:a\u{7f}",
+            "x:a\u{85}",
+            "x-a:1,",
+        ] {
+            assert!(parse_headers(bad, &Auth::None).is_err(), "{bad:?}");
+        }
+        assert!(parse_headers("Content-Type: text/plain", &Auth::None).is_err());
+        assert!(parse_headers("Idempotency-Key: 1", &Auth::None).is_err());
+        let bearer = Auth::Bearer {
+            token: Secret::literal("t"),
+        };
+        assert!(parse_headers("AUTHORIZATION: x", &bearer).is_err());
+        assert!(parse_headers("AUTHORIZATION: x", &Auth::None).is_ok());
+    }
+
+    #[test]
+    fn a_config_survives_serialization() {
+        let text = r#"{"mergePolicies":[{"id":"p","attributeMerge":{"datasetPrecedence":["a"]},"identityStitching":"none"}],
+            "audiences":[{"id":"a","mergePolicy":"p","source":"upload"}],
+            "destinations":[
+              {"id":"d1","endpoint":"https://x/","auth":{"type":"oauth2Password","accessTokenUrl":"https://a/t",
+                "clientId":"c","clientSecret":{"env":"S"},"username":"u","password":"pw"}},
+              {"id":"d2","endpoint":"https://x/","auth":{"type":"oauth2ClientCredentials","accessTokenUrl":"https://a/t",
+                "clientId":"c","clientSecret":"s","clientCredentialsType":"bodyFormEncoded"},
+               "audiences":[{"id":"a","mappingCreatedAt":3}]},
+              {"id":"d3","endpoint":"https://x/","auth":{"type":"bearer","token":"t"}}]}"#;
+        let config = Config::from_json_str(text).unwrap();
+        let stored = serde_json::to_string(&config).unwrap();
+        assert_eq!(Config::from_json_str(&stored), Ok(config.clone()));
+        assert_eq!(config.destinations[0].auth.type_name(), "oauth2Password");
+        let shown = config.redacted_json();
+        assert_eq!(shown["destinations"][0]["auth"]["password"], "<redacted>");
+        assert_eq!(
+            shown["destinations"][0]["auth"]["clientSecret"],
+            json!({"env": "S"})
+        );
+        assert_eq!(
+            shown["destinations"][1]["auth"]["clientCredentialsType"],
+            "bodyFormEncoded"
+        );
+        assert_eq!(
+            shown["destinations"][1]["audiences"][0],
+            json!({"id": "a", "mappingCreatedAt": 3})
+        );
+        assert_eq!(shown["audiences"][0]["source"], "upload");
+        assert_eq!(
+            shown["mergePolicies"][0]["attributeMerge"],
+            json!({"datasetPrecedence": ["a"]})
+        );
+    }
+
+    #[test]
+    fn secrets_naming_impossible_variables_are_refused() {
+        let auth = Auth::Bearer {
+            token: Secret::from_env("A=B"),
+        };
+        assert_eq!(auth.validate().unwrap_err().path, "token.env");
+        let auth = Auth::Bearer {
+            token: Secret::literal(""),
+        };
+        assert_eq!(auth.validate().unwrap_err().path, "token");
+    }
+
+    #[test]
+    fn plan_never_panics_on_an_invalid_config() {
+        let config = Config {
+            audiences: vec![Audience {
+                id: "a".into(),
+                name: None,
+                merge_policy: "missing".into(),
+                rule: Some("((".into()),
+                source: None,
+                created_at: None,
+                updated_at: None,
+            }],
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        assert!(config.compile(0).is_err());
+        let plan = config.plan(0);
+        assert_eq!(plan.audiences.len(), 1);
+        assert!(matches!(plan.audiences[0].kind, AudienceKind::Upload));
+    }
 }

@@ -5,7 +5,10 @@
 //! `egress` (exports → HTTP requests, retries, dead letters) and the command line in `main.rs`.
 
 pub mod config;
+pub mod egress;
 pub mod events;
 pub mod pipeline;
 pub mod replay;
 pub mod secret;
+pub mod storage;
+pub mod synth;

@@ -207,6 +207,15 @@ impl Pipeline {
         Ok(epoch)
     }
 
+    /// Blocks until the consumer has acknowledged every epoch pushed so far.
+    pub fn wait_all_acked(&mut self) -> anyhow::Result<()> {
+        while self.next > 0 && self.acked.is_none_or(|a| a + 1 < self.next) {
+            let a = self.acks.recv().context("the export consumer stopped")?;
+            self.acked = Some(self.acked.map_or(a, |b| b.max(a)));
+        }
+        Ok(())
+    }
+
     /// Closes the inputs and waits for the workers to finish the dataflow.
     pub fn finish(mut self) -> anyhow::Result<()> {
         self.senders.clear();

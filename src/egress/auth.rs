@@ -73,7 +73,10 @@ impl AuthError {
 pub fn basic_authorization(client_id: &str, client_secret: &str) -> String {
     let id: String = url::form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
     let secret: String = url::form_urlencoded::byte_serialize(client_secret.as_bytes()).collect();
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
 }
 
 fn sensitive(value: String, what: &'static str) -> Result<HeaderValue, AuthError> {
@@ -112,27 +115,34 @@ impl Authorizer {
         Ok(match auth {
             Auth::None => Authorizer::None,
             Auth::Bearer { token } => Authorizer::Bearer(token.clone()),
-            Auth::Oauth2Password { access_token_url, client_id, client_secret, username, password } => {
-                Authorizer::OAuth2(Arc::new(TokenCache::new(
-                    access_token_url,
-                    Grant::Password {
-                        client_id: client_id.clone(),
-                        client_secret: client_secret.clone(),
-                        username: username.clone(),
-                        password: password.clone(),
-                    },
-                )?))
-            }
-            Auth::Oauth2ClientCredentials { access_token_url, client_id, client_secret, client_credentials_type } => {
-                Authorizer::OAuth2(Arc::new(TokenCache::new(
-                    access_token_url,
-                    Grant::ClientCredentials {
-                        client_id: client_id.clone(),
-                        client_secret: client_secret.clone(),
-                        basic: *client_credentials_type == ClientCredentialsType::BasicAuthorization,
-                    },
-                )?))
-            }
+            Auth::Oauth2Password {
+                access_token_url,
+                client_id,
+                client_secret,
+                username,
+                password,
+            } => Authorizer::OAuth2(Arc::new(TokenCache::new(
+                access_token_url,
+                Grant::Password {
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.clone(),
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+            )?)),
+            Auth::Oauth2ClientCredentials {
+                access_token_url,
+                client_id,
+                client_secret,
+                client_credentials_type,
+            } => Authorizer::OAuth2(Arc::new(TokenCache::new(
+                access_token_url,
+                Grant::ClientCredentials {
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.clone(),
+                    basic: *client_credentials_type == ClientCredentialsType::BasicAuthorization,
+                },
+            )?)),
         })
     }
 
@@ -149,19 +159,34 @@ impl Authorizer {
     }
 
     /// The header for the next request.
-    pub async fn credential(&self, transport: &Transport, timeout: Duration) -> Result<Credential, AuthError> {
+    pub async fn credential(
+        &self,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<Credential, AuthError> {
         match self {
-            Authorizer::None => Ok(Credential { header: None, generation: 0 }),
+            Authorizer::None => Ok(Credential {
+                header: None,
+                generation: 0,
+            }),
             Authorizer::Bearer(token) => {
                 let header = sensitive(format!("Bearer {}", token.expose()?), "the bearer token")?;
-                Ok(Credential { header: Some(header), generation: 0 })
+                Ok(Credential {
+                    header: Some(header),
+                    generation: 0,
+                })
             }
             Authorizer::OAuth2(cache) => cache.get(transport, timeout, None).await,
         }
     }
 
     /// After a `401` to a request that carried token `generation`: a fresh token.
-    pub async fn refresh_after_401(&self, generation: u64, transport: &Transport, timeout: Duration) -> Result<Credential, AuthError> {
+    pub async fn refresh_after_401(
+        &self,
+        generation: u64,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<Credential, AuthError> {
         match self {
             Authorizer::OAuth2(cache) => cache.get(transport, timeout, Some(generation)).await,
             _ => self.credential(transport, timeout).await,
@@ -171,8 +196,17 @@ impl Authorizer {
 
 /// The configured OAuth2 grant.
 enum Grant {
-    Password { client_id: String, client_secret: Secret, username: String, password: Secret },
-    ClientCredentials { client_id: String, client_secret: Secret, basic: bool },
+    Password {
+        client_id: String,
+        client_secret: Secret,
+        username: String,
+        password: Secret,
+    },
+    ClientCredentials {
+        client_id: String,
+        client_secret: Secret,
+        basic: bool,
+    },
 }
 
 struct Token {
@@ -218,7 +252,9 @@ enum FetchKind<'a> {
 
 impl TokenCache {
     fn new(access_token_url: &str, grant: Grant) -> Result<Self, String> {
-        let token_url: Uri = access_token_url.parse().map_err(|_| "accessTokenUrl is not a valid URL".to_string())?;
+        let token_url: Uri = access_token_url
+            .parse()
+            .map_err(|_| "accessTokenUrl is not a valid URL".to_string())?;
         if !matches!(token_url.scheme_str(), Some("http" | "https")) || token_url.host().is_none() {
             return Err("accessTokenUrl must be an absolute http or https URL".into());
         }
@@ -232,7 +268,12 @@ impl TokenCache {
     }
 
     /// A valid token; with `rejected`, one newer than that generation.
-    async fn get(&self, transport: &Transport, timeout: Duration, rejected: Option<u64>) -> Result<Credential, AuthError> {
+    async fn get(
+        &self,
+        transport: &Transport,
+        timeout: Duration,
+        rejected: Option<u64>,
+    ) -> Result<Credential, AuthError> {
         let seen = self.completed.load(Ordering::Acquire);
         let mut state = self.state.lock().await;
         if let Some(token) = &state.current {
@@ -241,7 +282,10 @@ impl TokenCache {
                 None => Instant::now() < token.refresh_at,
             };
             if usable {
-                return Ok(Credential { header: Some(token.header.clone()), generation: token.generation });
+                return Ok(Credential {
+                    header: Some(token.header.clone()),
+                    generation: token.generation,
+                });
             }
         }
         if self.completed.load(Ordering::Acquire) != seen {
@@ -250,7 +294,10 @@ impl TokenCache {
                 return Err(AuthError::TokenFetch(error.clone()));
             }
             if let Some(token) = &state.current {
-                return Ok(Credential { header: Some(token.header.clone()), generation: token.generation });
+                return Ok(Credential {
+                    header: Some(token.header.clone()),
+                    generation: token.generation,
+                });
             }
         }
         if rejected.is_some() {
@@ -262,12 +309,20 @@ impl TokenCache {
     }
 
     /// Fetches with the lock held: refresh first when possible, else the configured grant.
-    async fn fetch(&self, state: &mut TokenState, transport: &Transport, timeout: Duration) -> Result<Credential, AuthError> {
+    async fn fetch(
+        &self,
+        state: &mut TokenState,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<Credential, AuthError> {
         state.generation += 1;
         let generation = state.generation;
         let mut outcome = None;
         if let Some(refresh_token) = state.refresh_token.take() {
-            match self.request(transport, timeout, FetchKind::Refresh(&refresh_token)).await {
+            match self
+                .request(transport, timeout, FetchKind::Refresh(&refresh_token))
+                .await
+            {
                 Ok(parsed) => outcome = Some(Ok(parsed)),
                 Err(error) => {
                     tracing::debug!(token_url = %self.token_url, %error, "refresh_token grant failed; requesting a new token");
@@ -284,9 +339,16 @@ impl TokenCache {
                 let refresh_at = Instant::now() + lifetime.saturating_sub(refresh_margin(lifetime));
                 state.refresh_token = parsed.refresh_token;
                 state.last_error = None;
-                state.current = Some(Token { header: parsed.header.clone(), generation, refresh_at });
+                state.current = Some(Token {
+                    header: parsed.header.clone(),
+                    generation,
+                    refresh_at,
+                });
                 tracing::debug!(token_url = %self.token_url, generation, lifetime_s = lifetime.as_secs(), "fetched an access token");
-                Ok(Credential { header: Some(parsed.header), generation })
+                Ok(Credential {
+                    header: Some(parsed.header),
+                    generation,
+                })
             }
             Err(error) => {
                 state.current = None;
@@ -301,32 +363,86 @@ impl TokenCache {
         }
     }
 
-    async fn request(&self, transport: &Transport, timeout: Duration, kind: FetchKind<'_>) -> Result<ParsedToken, AuthError> {
+    async fn request(
+        &self,
+        transport: &Transport,
+        timeout: Duration,
+        kind: FetchKind<'_>,
+    ) -> Result<ParsedToken, AuthError> {
+        let request = self.token_request(kind)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let exchange = transport
+            .send(request, timeout, MAX_TOKEN_RESPONSE)
+            .await
+            .map_err(|e| AuthError::TokenFetch(format!("token endpoint: {e}")))?;
+        let status = exchange.response.status();
+        if !status.is_success() {
+            let code = oauth_error_code(&exchange.body)
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            return Err(AuthError::TokenFetch(format!(
+                "token endpoint answered HTTP {}{code}",
+                status.as_u16()
+            )));
+        }
+        parse_token_response(&exchange.body)
+    }
+
+    /// The form POST to the token endpoint (RFC 6749 §4.3, §4.4, §6).
+    fn token_request(&self, kind: FetchKind<'_>) -> Result<Request<Body>, AuthError> {
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         let mut basic = None;
         match (&self.grant, &kind) {
-            (Grant::Password { client_id, client_secret, username, password }, FetchKind::Grant) => {
+            (
+                Grant::Password {
+                    client_id,
+                    client_secret,
+                    username,
+                    password,
+                },
+                FetchKind::Grant,
+            ) => {
                 form.append_pair("grant_type", "password")
                     .append_pair("username", username)
                     .append_pair("password", &password.expose()?)
                     .append_pair("client_id", client_id)
                     .append_pair("client_secret", &client_secret.expose()?);
             }
-            (Grant::Password { client_id, client_secret, .. }, FetchKind::Refresh(refresh_token)) => {
+            (
+                Grant::Password {
+                    client_id,
+                    client_secret,
+                    ..
+                },
+                FetchKind::Refresh(refresh_token),
+            ) => {
                 form.append_pair("grant_type", "refresh_token")
                     .append_pair("refresh_token", refresh_token)
                     .append_pair("client_id", client_id)
                     .append_pair("client_secret", &client_secret.expose()?);
             }
-            (Grant::ClientCredentials { client_id, client_secret, basic: use_basic }, kind) => {
+            (
+                Grant::ClientCredentials {
+                    client_id,
+                    client_secret,
+                    basic: use_basic,
+                },
+                kind,
+            ) => {
                 match kind {
                     FetchKind::Grant => form.append_pair("grant_type", "client_credentials"),
-                    FetchKind::Refresh(refresh_token) => form.append_pair("grant_type", "refresh_token").append_pair("refresh_token", refresh_token),
+                    FetchKind::Refresh(refresh_token) => form
+                        .append_pair("grant_type", "refresh_token")
+                        .append_pair("refresh_token", refresh_token),
                 };
                 if *use_basic {
-                    basic = Some(sensitive(basic_authorization(client_id, &client_secret.expose()?), "the client secret")?);
+                    basic = Some(sensitive(
+                        basic_authorization(client_id, &client_secret.expose()?),
+                        "the client secret",
+                    )?);
                 } else {
-                    form.append_pair("client_id", client_id).append_pair("client_secret", &client_secret.expose()?);
+                    form.append_pair("client_id", client_id)
+                        .append_pair("client_secret", &client_secret.expose()?);
                 }
             }
         }
@@ -339,19 +455,9 @@ impl TokenCache {
         if let Some(basic) = basic {
             builder = builder.header(AUTHORIZATION, basic);
         }
-        let request: Request<Body> =
-            builder.body(Body::new(body)).map_err(|_| AuthError::TokenFetch("cannot build the token request".into()))?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let exchange = transport
-            .send(request, timeout, MAX_TOKEN_RESPONSE)
-            .await
-            .map_err(|e| AuthError::TokenFetch(format!("token endpoint: {e}")))?;
-        let status = exchange.response.status();
-        if !status.is_success() {
-            let code = oauth_error_code(&exchange.body).map(|c| format!(" ({c})")).unwrap_or_default();
-            return Err(AuthError::TokenFetch(format!("token endpoint answered HTTP {}{code}", status.as_u16())));
-        }
-        parse_token_response(&exchange.body)
+        builder
+            .body(Body::new(body))
+            .map_err(|_| AuthError::TokenFetch("cannot build the token request".into()))
     }
 }
 
@@ -364,15 +470,25 @@ struct ParsedToken {
 fn parse_token_response(body: &[u8]) -> Result<ParsedToken, AuthError> {
     let fail = |what: &str| AuthError::TokenFetch(format!("token endpoint response {what}"));
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| fail("is not JSON"))?;
-    let object = value.as_object().ok_or_else(|| fail("is not a JSON object"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| fail("is not a JSON object"))?;
     let token = match object.get("access_token") {
         Some(serde_json::Value::String(t)) if !t.is_empty() => t,
         _ => return Err(fail("has no access_token")),
     };
     let expires_in = match object.get("expires_in") {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Number(n)) => n.as_f64().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64),
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64),
+        Some(serde_json::Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64),
         Some(_) => None,
     };
     // Keep expiries sane (a year at most) so `Instant` arithmetic cannot overflow.
@@ -383,7 +499,11 @@ fn parse_token_response(body: &[u8]) -> Result<ParsedToken, AuthError> {
     };
     // The token type is always sent as `Bearer` (the only type RFC 6750 defines for this use).
     let header = sensitive(format!("Bearer {token}"), "the access token")?;
-    Ok(ParsedToken { header, expires_in, refresh_token })
+    Ok(ParsedToken {
+        header,
+        expires_in,
+        refresh_token,
+    })
 }
 
 /// The OAuth2 `error` code of an error response, when it is one (RFC 6749 §5.2 restricts its
@@ -391,7 +511,11 @@ fn parse_token_response(body: &[u8]) -> Result<ParsedToken, AuthError> {
 fn oauth_error_code(body: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = value.get("error")?.as_str()?;
-    let ok = !code.is_empty() && code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    let ok = !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     ok.then(|| code.to_string())
 }
 
@@ -402,20 +526,31 @@ mod tests {
     #[test]
     fn rfc6749_basic_authorization_vector() {
         assert_eq!(
-            basic_authorization("1PpG/Q 1", "z/tZ9VwFZqApmIQ+ZH1I5pLk/uB4ud:X2/8bL+wfFTt1rFw="),
+            basic_authorization(
+                "1PpG/Q 1",
+                "z/tZ9VwFZqApmIQ+ZH1I5pLk/uB4ud:X2/8bL+wfFTt1rFw="
+            ),
             "Basic MVBwRyUyRlErMTp6JTJGdFo5VndGWnFBcG1JUSUyQlpIMUk1cExrJTJGdUI0dWQlM0FYMiUyRjhiTCUyQndmRlR0MXJGdyUzRA=="
         );
     }
 
     #[test]
     fn token_responses() {
-        let t = parse_token_response(br#"{"access_token":"abc","expires_in":"3600","refresh_token":"r"}"#).ok().unwrap();
+        let t = parse_token_response(
+            br#"{"access_token":"abc","expires_in":"3600","refresh_token":"r"}"#,
+        )
+        .ok()
+        .unwrap();
         assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
         assert_eq!(t.refresh_token.as_deref(), Some("r"));
         assert!(t.header.is_sensitive());
-        let t = parse_token_response(br#"{"access_token":"abc","expires_in":60}"#).ok().unwrap();
+        let t = parse_token_response(br#"{"access_token":"abc","expires_in":60}"#)
+            .ok()
+            .unwrap();
         assert_eq!(t.expires_in, Some(Duration::from_secs(60)));
-        let t = parse_token_response(br#"{"access_token":"abc"}"#).ok().unwrap();
+        let t = parse_token_response(br#"{"access_token":"abc"}"#)
+            .ok()
+            .unwrap();
         assert_eq!(t.expires_in, None);
         assert!(parse_token_response(br#"{"token":"abc"}"#).is_err());
         assert!(parse_token_response(b"access_token=abc").is_err());
@@ -424,14 +559,26 @@ mod tests {
 
     #[test]
     fn margins() {
-        assert_eq!(refresh_margin(Duration::from_secs(3600)), Duration::from_secs(30));
-        assert_eq!(refresh_margin(Duration::from_secs(20)), Duration::from_secs(5));
+        assert_eq!(
+            refresh_margin(Duration::from_secs(3600)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(20)),
+            Duration::from_secs(5)
+        );
     }
 
     #[test]
     fn error_codes_are_filtered() {
-        assert_eq!(oauth_error_code(br#"{"error":"invalid_client"}"#).as_deref(), Some("invalid_client"));
-        assert_eq!(oauth_error_code(br#"{"error":"bad secret: hunter2"}"#), None);
+        assert_eq!(
+            oauth_error_code(br#"{"error":"invalid_client"}"#).as_deref(),
+            Some("invalid_client")
+        );
+        assert_eq!(
+            oauth_error_code(br#"{"error":"bad secret: hunter2"}"#),
+            None
+        );
         assert_eq!(oauth_error_code(b"nope"), None);
     }
 }

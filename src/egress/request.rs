@@ -26,14 +26,18 @@ impl RequestTemplate {
     /// Validates the URL (absolute `http`/`https`) and the headers. Errors never quote header
     /// values (they may hold credentials); they name the header.
     pub fn new(request_url: &str, headers: &[(String, String)]) -> Result<Self, String> {
-        let uri: Uri = request_url.parse().map_err(|_| "endpoint is not a valid URL".to_string())?;
+        let uri: Uri = request_url
+            .parse()
+            .map_err(|_| "endpoint is not a valid URL".to_string())?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err("endpoint must be an absolute http or https URL".into());
         }
         let mut map = HeaderMap::new();
         for (name, value) in headers {
-            let header_name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| format!("header {name:?}: not a valid header name"))?;
-            let mut header_value = HeaderValue::from_str(value.trim()).map_err(|_| format!("header {name:?}: value is not a valid header value"))?;
+            let header_name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| format!("header {name:?}: not a valid header name"))?;
+            let mut header_value = HeaderValue::from_str(value.trim())
+                .map_err(|_| format!("header {name:?}: value is not a valid header value"))?;
             if header_name == AUTHORIZATION {
                 header_value.set_sensitive(true);
             }
@@ -50,8 +54,14 @@ impl RequestTemplate {
     }
 
     /// The request for one attempt.
-    pub fn build(&self, idempotency_key: &str, payload: &Bytes, authorization: Option<&HeaderValue>) -> Result<Request<Body>, String> {
-        let key = HeaderValue::from_str(idempotency_key).map_err(|_| "idempotency key is not a valid header value".to_string())?;
+    pub fn build(
+        &self,
+        idempotency_key: &str,
+        payload: &Bytes,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Request<Body>, String> {
+        let key = HeaderValue::from_str(idempotency_key)
+            .map_err(|_| "idempotency key is not a valid header value".to_string())?;
         let mut request = Request::new(Body::new(payload.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
@@ -71,12 +81,21 @@ mod tests {
 
     #[test]
     fn builds_a_post_with_headers() {
-        let t = RequestTemplate::new("http://h:1/p?a=1&b=2", &[("x-a".into(), " 1 ".into()), ("x-a".into(), "2".into())]).unwrap();
+        let t = RequestTemplate::new(
+            "http://h:1/p?a=1&b=2",
+            &[("x-a".into(), " 1 ".into()), ("x-a".into(), "2".into())],
+        )
+        .unwrap();
         let auth = HeaderValue::from_static("Bearer t");
-        let r = t.build("k1", &Bytes::from_static(b"{}"), Some(&auth)).unwrap();
+        let r = t
+            .build("k1", &Bytes::from_static(b"{}"), Some(&auth))
+            .unwrap();
         assert_eq!(r.method(), Method::POST);
         assert_eq!(r.uri().to_string(), "http://h:1/p?a=1&b=2");
-        assert_eq!(r.headers().get_all("x-a").iter().collect::<Vec<_>>(), vec!["1", "2"]);
+        assert_eq!(
+            r.headers().get_all("x-a").iter().collect::<Vec<_>>(),
+            vec!["1", "2"]
+        );
         assert_eq!(r.headers()["content-type"], "application/json");
         assert_eq!(r.headers()["idempotency-key"], "k1");
         assert_eq!(r.headers()["authorization"], "Bearer t");
@@ -89,7 +108,11 @@ mod tests {
         let e = RequestTemplate::new("http://h/", &[("x".into(), "sec\nret".into())]).unwrap_err();
         assert!(!e.contains("sec"), "{e}");
         assert!(RequestTemplate::new("http://h/", &[("bad name".into(), "v".into())]).is_err());
-        let t = RequestTemplate::new("http://h/", &[("content-type".into(), "application/vnd.x+json".into())]).unwrap();
+        let t = RequestTemplate::new(
+            "http://h/",
+            &[("content-type".into(), "application/vnd.x+json".into())],
+        )
+        .unwrap();
         let r = t.build("k", &Bytes::new(), None).unwrap();
         assert_eq!(r.headers()["content-type"], "application/vnd.x+json");
         assert!(t.build("bad\nkey", &Bytes::new(), None).is_err());

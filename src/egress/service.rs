@@ -101,9 +101,19 @@ impl DestinationRuntime {
     pub fn new(settings: DestinationSettings, options: &ServiceOptions) -> Result<Self, String> {
         let template = RequestTemplate::new(&settings.request_url, &settings.headers)?;
         let authorizer = Authorizer::new(&settings.auth)?;
-        let policy = RetryPolicy::new(&settings.delivery, options.backoff_base, options.backoff_cap, options.retry_after_cap);
+        let policy = RetryPolicy::new(
+            &settings.delivery,
+            options.backoff_base,
+            options.backoff_cap,
+            options.retry_after_cap,
+        );
         let timeout = Duration::from_millis(settings.delivery.timeout_ms.max(1));
-        let in_flight = Arc::new(Semaphore::new(settings.delivery.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
+        let in_flight = Arc::new(Semaphore::new(
+            settings
+                .delivery
+                .max_in_flight
+                .clamp(1, Semaphore::MAX_PERMITS),
+        ));
         Ok(DestinationRuntime {
             settings,
             template,
@@ -136,9 +146,18 @@ pub struct RoundResult {
 enum Attempt {
     Success(u16),
     /// `401` to an OAuth2 token of this generation.
-    Unauthorized { generation: u64 },
-    Retryable { status: Option<u16>, error: String, retry_after: Option<Duration> },
-    Final { status: Option<u16>, error: String },
+    Unauthorized {
+        generation: u64,
+    },
+    Retryable {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Final {
+        status: Option<u16>,
+        error: String,
+    },
 }
 
 fn status_text(status: StatusCode) -> String {
@@ -149,7 +168,12 @@ fn status_text(status: StatusCode) -> String {
 }
 
 /// Delivers one export: one round of the retry policy.
-pub async fn deliver_round(rt: &DestinationRuntime, transport: &Transport, idempotency_key: &str, payload: &Bytes) -> RoundResult {
+pub async fn deliver_round(
+    rt: &DestinationRuntime,
+    transport: &Transport,
+    idempotency_key: &str,
+    payload: &Bytes,
+) -> RoundResult {
     let mut attempts = 0u32;
     let mut retries = 0u32;
     let mut refresh_for: Option<u64> = None;
@@ -163,10 +187,19 @@ pub async fn deliver_round(rt: &DestinationRuntime, transport: &Transport, idemp
         let (status, error, retry_after) = match attempt {
             Attempt::Success(status) => {
                 tracing::debug!(destination = rt.id(), status, attempts, "delivered");
-                return RoundResult { delivered: true, attempts, last_status: Some(status), last_error: String::new() };
+                return RoundResult {
+                    delivered: true,
+                    attempts,
+                    last_status: Some(status),
+                    last_error: String::new(),
+                };
             }
             Attempt::Unauthorized { generation } if !refreshed_after_401 => {
-                tracing::debug!(destination = rt.id(), attempts, "401 from the endpoint; refreshing the access token");
+                tracing::debug!(
+                    destination = rt.id(),
+                    attempts,
+                    "401 from the endpoint; refreshing the access token"
+                );
                 refreshed_after_401 = true;
                 refresh_for = Some(generation);
                 continue;
@@ -180,7 +213,11 @@ pub async fn deliver_round(rt: &DestinationRuntime, transport: &Transport, idemp
                 }
             }
             Attempt::Final { status, error } => return failed(rt, attempts, status, error),
-            Attempt::Retryable { status, error, retry_after } => (status, error, retry_after),
+            Attempt::Retryable {
+                status,
+                error,
+                retry_after,
+            } => (status, error, retry_after),
         };
         if retries >= rt.policy.max_retries {
             return failed(rt, attempts, status, error);
@@ -192,48 +229,112 @@ pub async fn deliver_round(rt: &DestinationRuntime, transport: &Transport, idemp
     }
 }
 
-fn failed(rt: &DestinationRuntime, attempts: u32, status: Option<u16>, error: String) -> RoundResult {
+fn failed(
+    rt: &DestinationRuntime,
+    attempts: u32,
+    status: Option<u16>,
+    error: String,
+) -> RoundResult {
     tracing::debug!(destination = rt.id(), ?status, %error, attempts, "delivery failed");
-    RoundResult { delivered: false, attempts, last_status: status, last_error: error }
+    RoundResult {
+        delivered: false,
+        attempts,
+        last_status: status,
+        last_error: error,
+    }
 }
 
-async fn attempt(rt: &DestinationRuntime, transport: &Transport, idempotency_key: &str, payload: &Bytes, refresh_for: Option<u64>) -> Attempt {
+async fn attempt(
+    rt: &DestinationRuntime,
+    transport: &Transport,
+    idempotency_key: &str,
+    payload: &Bytes,
+    refresh_for: Option<u64>,
+) -> Attempt {
     let credential = match refresh_for {
-        Some(generation) => rt.authorizer.refresh_after_401(generation, transport, rt.timeout).await,
+        Some(generation) => {
+            rt.authorizer
+                .refresh_after_401(generation, transport, rt.timeout)
+                .await
+        }
         None => rt.authorizer.credential(transport, rt.timeout).await,
     };
     let credential = match credential {
         Ok(c) => c,
-        Err(e) if e.is_retryable() => return Attempt::Retryable { status: None, error: e.to_string(), retry_after: None },
-        Err(e) => return Attempt::Final { status: None, error: e.to_string() },
+        Err(e) if e.is_retryable() => {
+            return Attempt::Retryable {
+                status: None,
+                error: e.to_string(),
+                retry_after: None,
+            };
+        }
+        Err(e) => {
+            return Attempt::Final {
+                status: None,
+                error: e.to_string(),
+            };
+        }
     };
-    let request = match rt.template.build(idempotency_key, payload, credential.header.as_ref()) {
+    let request = match rt
+        .template
+        .build(idempotency_key, payload, credential.header.as_ref())
+    {
         Ok(r) => r,
-        Err(e) => return Attempt::Final { status: None, error: e },
+        Err(e) => {
+            return Attempt::Final {
+                status: None,
+                error: e,
+            };
+        }
     };
     let exchange = {
         // The semaphore is never closed; a closed one would mean "no limit" rather than a hang.
         let _slot = rt.in_flight.acquire().await.ok();
         rt.counters.requests.fetch_add(1, Ordering::Relaxed);
-        transport.send(request, rt.timeout, rt.max_response_body).await
+        transport
+            .send(request, rt.timeout, rt.max_response_body)
+            .await
     };
     let exchange = match exchange {
         Ok(x) => x,
-        Err(e) => return Attempt::Retryable { status: None, error: e.to_string(), retry_after: None },
+        Err(e) => {
+            return Attempt::Retryable {
+                status: None,
+                error: e.to_string(),
+                retry_after: None,
+            };
+        }
     };
     let status = exchange.response.status();
-    tracing::trace!(destination = rt.id(), status = status.as_u16(), "endpoint answered");
+    tracing::trace!(
+        destination = rt.id(),
+        status = status.as_u16(),
+        "endpoint answered"
+    );
     if status.is_success() {
         return Attempt::Success(status.as_u16());
     }
     if status == StatusCode::UNAUTHORIZED && rt.authorizer.is_oauth2() {
-        return Attempt::Unauthorized { generation: credential.generation };
+        return Attempt::Unauthorized {
+            generation: credential.generation,
+        };
     }
     let code = status.as_u16();
     if rt.policy.retries_status(code) {
-        let retry_after = exchange.response.headers().get(RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
-        Attempt::Retryable { status: Some(code), error: status_text(status), retry_after }
+        let retry_after = exchange
+            .response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        Attempt::Retryable {
+            status: Some(code),
+            error: status_text(status),
+            retry_after,
+        }
     } else {
-        Attempt::Final { status: Some(code), error: status_text(status) }
+        Attempt::Final {
+            status: Some(code),
+            error: status_text(status),
+        }
     }
 }

@@ -62,7 +62,9 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("tls_ready", &self.tls.get().is_some()).finish()
+        f.debug_struct("Transport")
+            .field("tls_ready", &self.tls.get().is_some())
+            .finish()
     }
 }
 
@@ -90,7 +92,11 @@ impl Transport {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(http_connector());
-        Transport { plain, tls: Arc::new(OnceLock::new()), pool_idle_timeout }
+        Transport {
+            plain,
+            tls: Arc::new(OnceLock::new()),
+            pool_idle_timeout,
+        }
     }
 
     fn tls(&self) -> &TlsClient {
@@ -111,7 +117,12 @@ impl Transport {
     /// Sends a request and reads the response within `timeout` (the whole exchange: connect,
     /// request, response head). The body is read best-effort, up to `max_body` bytes, within
     /// what is left of the timeout.
-    pub async fn send(&self, request: Request<Body>, timeout: Duration, max_body: usize) -> Result<Exchange, TransportError> {
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Exchange, TransportError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let future = match request.uri().scheme_str() {
             Some("http") => self.plain.request(request),
@@ -122,17 +133,25 @@ impl Transport {
             Err(_) => return Err(TransportError::Timeout(timeout)),
             Ok(Err(e)) => {
                 let text = error_chain(&e);
-                return Err(if e.is_connect() { TransportError::Connect(text) } else { TransportError::Request(text) });
+                return Err(if e.is_connect() {
+                    TransportError::Connect(text)
+                } else {
+                    TransportError::Request(text)
+                });
             }
             Ok(Ok(r)) => r,
         };
         let (parts, body) = response.into_parts();
-        let body = match tokio::time::timeout_at(deadline, Limited::new(body, max_body).collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            // Too large, broken or slow: the status decides; the connection is dropped.
-            _ => Bytes::new(),
-        };
-        Ok(Exchange { response: Response::from_parts(parts, ()), body })
+        let body =
+            match tokio::time::timeout_at(deadline, Limited::new(body, max_body).collect()).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                // Too large, broken or slow: the status decides; the connection is dropped.
+                _ => Bytes::new(),
+            };
+        Ok(Exchange {
+            response: Response::from_parts(parts, ()),
+            body,
+        })
     }
 }
 

@@ -105,8 +105,9 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The payload as a JSON value (a string when it is not valid JSON).
     pub fn payload_json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.payload)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&self.payload).into_owned()))
+        serde_json::from_slice(&self.payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&self.payload).into_owned())
+        })
     }
 
     /// The `dead-letters list` object (SPEC §5): `destination`, `profile`, `attempts`,
@@ -141,10 +142,18 @@ pub enum StoreError {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
 enum Record {
-    Put(DeadLetter),
+    Put(Box<DeadLetter>),
     #[serde(rename_all = "camelCase")]
-    Update { id: u64, attempts: u32, last_status: Option<u16>, last_error: String, updated_at_ms: i64 },
-    Remove { id: u64 },
+    Update {
+        id: u64,
+        attempts: u32,
+        last_status: Option<u16>,
+        last_error: String,
+        updated_at_ms: i64,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 struct Inner {
@@ -171,12 +180,17 @@ pub struct DeadLetterStore {
 
 impl std::fmt::Debug for DeadLetterStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetterStore").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("DeadLetterStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn now_ms() -> i64 {
@@ -190,11 +204,23 @@ impl DeadLetterStore {
         let dir = dir.as_ref().to_path_buf();
         create_private_dir(&dir)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = private_options().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = private_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         try_lock_exclusive(&lock, &lock_path)?;
 
         let path = dir.join(LOG_FILE);
-        let mut file = private_options().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+        let mut file = private_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
         let created = file.metadata().map_err(io_err(&path))?.len() < MAGIC.len() as u64;
         if created {
             // New (or torn during creation, before the header was complete): start afresh.
@@ -214,10 +240,14 @@ impl DeadLetterStore {
             file.set_len(inner.len).map_err(io_err(&path))?;
             file.sync_all().map_err(io_err(&path))?;
         }
-        file.seek(SeekFrom::Start(inner.len)).map_err(io_err(&path))?;
+        file.seek(SeekFrom::Start(inner.len))
+            .map_err(io_err(&path))?;
         inner.file = Some(file);
         inner._lock = Some(lock);
-        let store = DeadLetterStore { dir, inner: Mutex::new(inner) };
+        let store = DeadLetterStore {
+            dir,
+            inner: Mutex::new(inner),
+        };
         {
             let mut inner = store.lock();
             if needs_compaction(&inner) {
@@ -242,7 +272,10 @@ impl DeadLetterStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => empty_inner(),
             Err(e) => return Err(io_err(&path)(e)),
         };
-        Ok(DeadLetterStore { dir, inner: Mutex::new(inner) })
+        Ok(DeadLetterStore {
+            dir,
+            inner: Mutex::new(inner),
+        })
     }
 
     /// The directory the store lives in.
@@ -277,7 +310,7 @@ impl DeadLetterStore {
             stored_at_ms: now,
             updated_at_ms: now,
         };
-        let size = self.append(&mut inner, &Record::Put(entry.clone()))?;
+        let size = self.append(&mut inner, &Record::Put(Box::new(entry.clone())))?;
         inner.next_id = entry.id + 1;
         inner.live_bytes += size;
         inner.frame_sizes.insert(entry.id, size);
@@ -312,13 +345,25 @@ impl DeadLetterStore {
 
     /// Records a failed redrive: the new attempt total and the last status and error.
     /// Returns `false` when no such entry exists.
-    pub fn update(&self, id: u64, attempts: u32, last_status: Option<u16>, last_error: &str) -> Result<bool, StoreError> {
+    pub fn update(
+        &self,
+        id: u64,
+        attempts: u32,
+        last_status: Option<u16>,
+        last_error: &str,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         if !inner.entries.contains_key(&id) {
             return Ok(false);
         }
         let updated_at_ms = now_ms();
-        let record = Record::Update { id, attempts, last_status, last_error: last_error.to_string(), updated_at_ms };
+        let record = Record::Update {
+            id,
+            attempts,
+            last_status,
+            last_error: last_error.to_string(),
+            updated_at_ms,
+        };
         let size = self.append(&mut inner, &record)?;
         if let Some(e) = inner.entries.get_mut(&id) {
             e.attempts = attempts;
@@ -357,7 +402,9 @@ impl DeadLetterStore {
     pub fn compact(&self) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.file.is_none() {
-            return Err(StoreError::ReadOnly { path: self.log_path() });
+            return Err(StoreError::ReadOnly {
+                path: self.log_path(),
+            });
         }
         self.compact_locked(&mut inner)
     }
@@ -384,12 +431,17 @@ impl DeadLetterStore {
     fn compact_locked(&self, inner: &mut Inner) -> Result<(), StoreError> {
         let path = self.log_path();
         let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
-        let mut out = private_options().write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
+        let mut out = private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
         let mut buf = Vec::with_capacity(64 * 1024);
         buf.extend_from_slice(MAGIC);
         let mut sizes = BTreeMap::new();
         for entry in inner.entries.values() {
-            let frame = encode_frame(&Record::Put(entry.clone()))?;
+            let frame = encode_frame(&Record::Put(Box::new(entry.clone())))?;
             sizes.insert(entry.id, frame.len() as u64);
             buf.extend_from_slice(&frame);
         }
@@ -398,7 +450,11 @@ impl DeadLetterStore {
         drop(out);
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
-        let mut file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         let len = buf.len() as u64;
         file.seek(SeekFrom::Start(len)).map_err(io_err(&path))?;
         inner.file = Some(file);
@@ -411,7 +467,9 @@ impl DeadLetterStore {
 }
 
 fn needs_compaction(inner: &Inner) -> bool {
-    inner.file.is_some() && inner.len > COMPACT_MIN_BYTES && inner.len > 2 * inner.live_bytes + MAGIC.len() as u64
+    inner.file.is_some()
+        && inner.len > COMPACT_MIN_BYTES
+        && inner.len > 2 * inner.live_bytes + MAGIC.len() as u64
 }
 
 fn empty_inner() -> Inner {
@@ -430,7 +488,8 @@ fn encode_frame(record: &Record) -> Result<Vec<u8>, StoreError> {
     let body = serde_json::to_vec(record).map_err(StoreError::Encode)?;
     let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
     // Bodies are far below 4 GiB (payloads are single JSON objects); guard anyway.
-    let len = u32::try_from(body.len()).map_err(|_| StoreError::Encode(serde::ser::Error::custom("record too large")))?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| StoreError::Encode(serde::ser::Error::custom("record too large")))?;
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     frame.extend_from_slice(&body);
@@ -443,7 +502,9 @@ fn replay(path: &Path, file: &mut File) -> Result<Inner, StoreError> {
     let mut data = Vec::new();
     file.read_to_end(&mut data).map_err(io_err(path))?;
     if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
-        return Err(StoreError::BadHeader { path: path.to_path_buf() });
+        return Err(StoreError::BadHeader {
+            path: path.to_path_buf(),
+        });
     }
     let mut inner = empty_inner();
     let mut pos = MAGIC.len();
@@ -486,6 +547,7 @@ fn replay(path: &Path, file: &mut File) -> Result<Inner, StoreError> {
 fn apply(inner: &mut Inner, record: Record, size: u64) {
     match record {
         Record::Put(entry) => {
+            let entry = *entry;
             inner.next_id = inner.next_id.max(entry.id + 1);
             if let Some(old) = inner.frame_sizes.insert(entry.id, size) {
                 inner.live_bytes = inner.live_bytes.saturating_sub(old);
@@ -493,7 +555,13 @@ fn apply(inner: &mut Inner, record: Record, size: u64) {
             inner.live_bytes += size;
             inner.entries.insert(entry.id, entry);
         }
-        Record::Update { id, attempts, last_status, last_error, updated_at_ms } => {
+        Record::Update {
+            id,
+            attempts,
+            last_status,
+            last_error,
+            updated_at_ms,
+        } => {
             if let Some(e) = inner.entries.get_mut(&id) {
                 e.attempts = attempts;
                 e.last_status = last_status;
@@ -541,7 +609,9 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
     }
     #[cfg(not(unix))]
     let _ = dir;
@@ -558,7 +628,9 @@ fn try_lock_exclusive(file: &File, path: &Path) -> Result<(), StoreError> {
     }
     let err = io::Error::last_os_error();
     if err.kind() == io::ErrorKind::WouldBlock {
-        Err(StoreError::Locked { path: path.to_path_buf() })
+        Err(StoreError::Locked {
+            path: path.to_path_buf(),
+        })
     } else {
         Err(io_err(path)(err))
     }
@@ -639,7 +711,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DeadLetterStore::open(dir.path()).unwrap();
         store.put(letter("email:a")).unwrap();
-        assert!(matches!(DeadLetterStore::open(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            DeadLetterStore::open(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
         let ro = DeadLetterStore::open_read_only(dir.path()).unwrap();
         assert_eq!(ro.len(), 1);
         assert!(matches!(ro.remove(1), Err(StoreError::ReadOnly { .. })));
@@ -657,9 +732,15 @@ mod tests {
             store.remove(e.id).unwrap();
         }
         let size = fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
-        assert!(size < COMPACT_MIN_BYTES + 200 * 1024, "log was compacted: {size}");
+        assert!(
+            size < COMPACT_MIN_BYTES + 200 * 1024,
+            "log was compacted: {size}"
+        );
         drop(store);
         let store = DeadLetterStore::open(dir.path()).unwrap();
-        assert_eq!(store.list(None).iter().map(|e| e.id).collect::<Vec<_>>(), vec![keep.id]);
+        assert_eq!(
+            store.list(None).iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![keep.id]
+        );
     }
 }

@@ -1,0 +1,544 @@
+//! The egress stage: exports → HTTP requests → delivered or dead-lettered (SPEC §4).
+//!
+//! Modelled on Vector's http sink, in stages:
+//!
+//! 1. **Settings** — [`destination_settings`] turns a configured
+//!    [`Destination`](crate::config::Destination) into the
+//!    [`DestinationSettings`] a re-send needs (also what the dead-letter store keeps);
+//!    [`service::DestinationRuntime`] validates them once (URL, headers, token URL).
+//! 2. **Request building** — [`request::RequestTemplate`] + [`auth::Authorizer`]
+//!    (bearer, OAuth2 with a single-flight token cache).
+//! 3. **Service** — [`service::deliver_round`]: attempts, per-attempt timeout,
+//!    `maxInFlight` slots, [`retry::RetryPolicy`] (exponential backoff, full jitter,
+//!    `Retry-After`), over the pooled hyper [`transport::Transport`].
+//! 4. **Intake and ordering** — [`Egress`]: a bounded intake (backpressure on
+//!    [`Egress::submit`]), one FIFO queue per *(destination, profile)* of which only the head
+//!    is in flight (epoch order, never two at once, no head-of-line blocking across
+//!    profiles), outcomes to the dead-letter store, the stats and an optional callback.
+//! 5. **Redrive** — [`redrive()`] / [`Egress::redrive`] and [`list_json_lines`] for the
+//!    `dead-letters` command and API.
+//!
+//! Secrets never reach logs, errors, `Debug` output or metrics: they stay in
+//! [`Secret`](crate::secret::Secret)s and sensitive header values until the request is sent.
+
+pub mod auth;
+pub mod redrive;
+pub mod request;
+pub mod retry;
+pub mod service;
+pub mod stats;
+pub mod transport;
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+pub use redrive::{RedriveReport, list_json, list_json_lines, redrive};
+pub use retry::RetryPolicy;
+pub use service::{DestinationRuntime, RoundResult, ServiceOptions};
+pub use stats::{DestinationStats, EgressStats};
+pub use transport::Transport;
+
+use crate::config::Destination;
+pub use crate::storage::DestinationSettings;
+use crate::storage::{DeadLetterStore, NewDeadLetter};
+
+/// One export handed over by the dataflow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    /// The destination's id.
+    pub destination: String,
+    /// The profile, `"namespace:id"`.
+    pub profile: String,
+    /// The epoch that produced it.
+    pub epoch: u64,
+    /// Sent as `Idempotency-Key`, the same on every attempt and redrive.
+    pub idempotency_key: String,
+    /// The JSON payload, ready to send.
+    pub payload: Bytes,
+}
+
+/// How an export ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered {
+        attempts: u32,
+        status: u16,
+    },
+    /// Failed after its retries. `entry` is the dead-letter id, `None` when no store is
+    /// configured or storing failed (logged as an error).
+    DeadLettered {
+        attempts: u32,
+        last_status: Option<u16>,
+        last_error: String,
+        entry: Option<u64>,
+    },
+}
+
+/// Called once per export with its outcome, after the dead letter (if any) is durable and
+/// before the next export of the same (destination, profile) starts.
+pub type OutcomeCallback = Arc<dyn Fn(&Export, Outcome) + Send + Sync>;
+
+/// Egress tunables.
+#[derive(Clone)]
+pub struct EgressOptions {
+    /// Exports queued or in delivery at most; [`Egress::submit`] waits beyond it.
+    pub queue_capacity: usize,
+    pub service: ServiceOptions,
+    pub on_outcome: Option<OutcomeCallback>,
+}
+
+impl Default for EgressOptions {
+    fn default() -> Self {
+        EgressOptions {
+            queue_capacity: 16_384,
+            service: ServiceOptions::default(),
+            on_outcome: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EgressOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressOptions")
+            .field("queue_capacity", &self.queue_capacity)
+            .field("service", &self.service)
+            .field(
+                "on_outcome",
+                &self.on_outcome.as_ref().map(|_| "<callback>"),
+            )
+            .finish()
+    }
+}
+
+/// Egress errors. Texts never contain a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("destinations[{index}] ({id}): {reason}")]
+    InvalidDestination {
+        index: usize,
+        id: String,
+        reason: String,
+    },
+    #[error("destination {0:?} is configured twice")]
+    DuplicateDestination(String),
+    #[error("unknown destination {0:?}")]
+    UnknownDestination(String),
+    #[error("the egress is closed")]
+    Closed,
+    #[error("the egress needs a tokio runtime (create it inside one)")]
+    NoRuntime,
+}
+
+/// The settings a re-send needs, from a configured destination.
+pub fn destination_settings(destination: &Destination) -> Result<DestinationSettings, String> {
+    let headers = destination.parsed_headers().map_err(|e| e.to_string())?;
+    Ok(DestinationSettings {
+        id: destination.id.clone(),
+        request_url: destination.request_url(),
+        headers,
+        auth: destination.auth.clone(),
+        delivery: destination.delivery.clone(),
+    })
+}
+
+struct Queued {
+    export: Export,
+    submitted: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+type QueueKey = (String, String);
+
+struct Shared {
+    runtime: tokio::runtime::Handle,
+    transport: Transport,
+    destinations: RwLock<HashMap<String, Arc<DestinationRuntime>>>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
+    intake: Arc<Semaphore>,
+    /// Per (destination, profile): the exports waiting behind the one in delivery. A key is
+    /// present exactly while a task delivers its head.
+    queues: Mutex<HashMap<QueueKey, VecDeque<Queued>>>,
+    pending: watch::Sender<u64>,
+    options: EgressOptions,
+    closed: AtomicBool,
+    started: Instant,
+}
+
+/// The egress: submit exports, they are delivered or dead-lettered. Cheap to clone.
+#[derive(Clone)]
+pub struct Egress {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self.read_destinations().keys().cloned().collect();
+        f.debug_struct("Egress")
+            .field("destinations", &ids)
+            .field("pending", &self.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Egress {
+    /// Validates every destination (headers, URLs) and prepares the transport. Must be called
+    /// within a tokio multi-thread runtime, which the egress then spawns its tasks on.
+    pub fn new(
+        destinations: Vec<Destination>,
+        dead_letters: Option<Arc<DeadLetterStore>>,
+        options: EgressOptions,
+    ) -> Result<Egress, EgressError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EgressError::NoRuntime)?;
+        let mut map = HashMap::new();
+        for (index, destination) in destinations.iter().enumerate() {
+            let rt = build_runtime(destination, &options.service).map_err(|reason| {
+                EgressError::InvalidDestination {
+                    index,
+                    id: destination.id.clone(),
+                    reason,
+                }
+            })?;
+            if map.insert(destination.id.clone(), Arc::new(rt)).is_some() {
+                return Err(EgressError::DuplicateDestination(destination.id.clone()));
+            }
+        }
+        let (pending, _) = watch::channel(0);
+        let capacity = options.queue_capacity.clamp(1, Semaphore::MAX_PERMITS);
+        Ok(Egress {
+            shared: Arc::new(Shared {
+                runtime,
+                transport: Transport::new(),
+                destinations: RwLock::new(map),
+                dead_letters,
+                intake: Arc::new(Semaphore::new(capacity)),
+                queues: Mutex::new(HashMap::new()),
+                pending,
+                options,
+                closed: AtomicBool::new(false),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    fn read_destinations(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<DestinationRuntime>>> {
+        self.shared
+            .destinations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds or replaces a destination (control API). Exports already submitted keep the
+    /// settings they were submitted with; the new one starts with an empty token cache.
+    pub fn upsert_destination(&self, destination: &Destination) -> Result<(), EgressError> {
+        let rt = build_runtime(destination, &self.shared.options.service).map_err(|reason| {
+            EgressError::InvalidDestination {
+                index: 0,
+                id: destination.id.clone(),
+                reason,
+            }
+        })?;
+        let mut map = self
+            .shared
+            .destinations
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        map.insert(destination.id.clone(), Arc::new(rt));
+        Ok(())
+    }
+
+    /// Removes a destination; exports already submitted to it are still delivered.
+    pub fn remove_destination(&self, id: &str) -> bool {
+        let mut map = self
+            .shared
+            .destinations
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(id).is_some()
+    }
+
+    /// The ids of the configured destinations.
+    pub fn destination_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.read_destinations().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Hands over one export. Waits while the intake is full (backpressure). Exports of one
+    /// (destination, profile) are delivered in the order they are submitted.
+    pub async fn submit(&self, export: Export) -> Result<(), EgressError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(EgressError::Closed);
+        }
+        let rt = self
+            .read_destinations()
+            .get(&export.destination)
+            .cloned()
+            .ok_or_else(|| EgressError::UnknownDestination(export.destination.clone()))?;
+        let permit = self
+            .shared
+            .intake
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EgressError::Closed)?;
+        self.enqueue(rt, export, permit);
+        Ok(())
+    }
+
+    /// [`Self::submit`] from a thread outside the runtime (a dataflow worker). Must not be
+    /// called from within an async task.
+    pub fn submit_blocking(&self, export: Export) -> Result<(), EgressError> {
+        self.shared.runtime.block_on(self.submit(export))
+    }
+
+    /// Submits without waiting; gives the export back when the intake is full.
+    pub fn try_submit(&self, export: Export) -> Result<Result<(), Export>, EgressError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(EgressError::Closed);
+        }
+        let rt = self
+            .read_destinations()
+            .get(&export.destination)
+            .cloned()
+            .ok_or_else(|| EgressError::UnknownDestination(export.destination.clone()))?;
+        match self.shared.intake.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.enqueue(rt, export, permit);
+                Ok(Ok(()))
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(Err(export)),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(EgressError::Closed),
+        }
+    }
+
+    fn enqueue(&self, rt: Arc<DestinationRuntime>, export: Export, permit: OwnedSemaphorePermit) {
+        rt.counters.exports.fetch_add(1, Ordering::Relaxed);
+        rt.counters.pending.fetch_add(1, Ordering::Relaxed);
+        self.shared.pending.send_modify(|n| *n += 1);
+        let key = (export.destination.clone(), export.profile.clone());
+        let queued = Queued {
+            export,
+            submitted: Instant::now(),
+            _permit: permit,
+        };
+        let start = {
+            let mut queues = lock(&self.shared.queues);
+            match queues.entry(key) {
+                Entry::Occupied(mut e) => {
+                    e.get_mut().push_back(queued);
+                    None
+                }
+                Entry::Vacant(v) => {
+                    let key = v.key().clone();
+                    v.insert(VecDeque::new());
+                    Some((key, queued))
+                }
+            }
+        };
+        if let Some((key, first)) = start {
+            let shared = self.shared.clone();
+            self.shared.runtime.spawn(run_queue(shared, rt, key, first));
+        }
+    }
+
+    /// Exports submitted and not yet delivered or dead-lettered.
+    pub fn pending(&self) -> u64 {
+        *self.shared.pending.borrow()
+    }
+
+    /// Waits until every export submitted so far (and any submitted meanwhile) is delivered
+    /// or dead-lettered.
+    pub async fn drain(&self) {
+        let mut rx = self.shared.pending.subscribe();
+        // The sender lives in `shared`, which `self` keeps alive: this cannot fail.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Stops intake: later submits fail with [`EgressError::Closed`]. What was submitted is
+    /// still delivered ([`Self::drain`] waits for it).
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
+
+    /// Withdraws every export still waiting behind another of its profile (not yet started)
+    /// and returns them, in submission order per profile; the ones in delivery finish. For a
+    /// shutdown that leaves queued exports to the next start (SPEC §7).
+    pub fn cancel_queued(&self) -> Vec<Export> {
+        let mut withdrawn = Vec::new();
+        {
+            let mut queues = lock(&self.shared.queues);
+            for queue in queues.values_mut() {
+                withdrawn.extend(queue.drain(..));
+            }
+        }
+        let destinations = self.read_destinations();
+        for q in &withdrawn {
+            if let Some(rt) = destinations.get(&q.export.destination) {
+                rt.counters.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let n = withdrawn.len() as u64;
+        self.shared
+            .pending
+            .send_modify(|p| *p = p.saturating_sub(n));
+        withdrawn.into_iter().map(|q| q.export).collect()
+    }
+
+    /// Counters and latency, in total and per destination.
+    pub fn stats(&self) -> EgressStats {
+        let destinations = self.read_destinations();
+        EgressStats::collect(
+            destinations.values().map(|rt| rt.as_ref()),
+            self.shared.started.elapsed(),
+        )
+    }
+
+    /// Redrives the dead letters (of one destination or all) through this egress's transport.
+    pub async fn redrive(&self, destination: Option<&str>) -> Option<RedriveReport> {
+        let store = self.shared.dead_letters.clone()?;
+        Some(
+            redrive::redrive_with(
+                &self.shared.transport,
+                store,
+                destination,
+                &self.shared.options.service,
+            )
+            .await,
+        )
+    }
+
+    /// The dead-letter store, when configured.
+    pub fn dead_letters(&self) -> Option<&Arc<DeadLetterStore>> {
+        self.shared.dead_letters.as_ref()
+    }
+}
+
+fn build_runtime(
+    destination: &Destination,
+    options: &ServiceOptions,
+) -> Result<DestinationRuntime, String> {
+    let settings = destination_settings(destination)?;
+    DestinationRuntime::new(settings, options)
+}
+
+/// Delivers a key's exports one after another until its queue is empty.
+async fn run_queue(shared: Arc<Shared>, rt: Arc<DestinationRuntime>, key: QueueKey, first: Queued) {
+    let mut current = first;
+    loop {
+        deliver_one(&shared, &rt, current).await;
+        let next = {
+            let mut queues = lock(&shared.queues);
+            match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => Some(next),
+                None => {
+                    queues.remove(&key);
+                    None
+                }
+            }
+        };
+        match next {
+            Some(next) => current = next,
+            None => return,
+        }
+    }
+}
+
+async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
+    let Queued {
+        export,
+        submitted,
+        _permit,
+    } = queued;
+    let round = service::deliver_round(
+        rt,
+        &shared.transport,
+        &export.idempotency_key,
+        &export.payload,
+    )
+    .await;
+    let outcome = if round.delivered {
+        rt.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        Outcome::Delivered {
+            attempts: round.attempts,
+            status: round.last_status.unwrap_or(200),
+        }
+    } else {
+        rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let entry = store_dead_letter(shared, rt, &export, &round).await;
+        Outcome::DeadLettered {
+            attempts: round.attempts,
+            last_status: round.last_status,
+            last_error: round.last_error,
+            entry,
+        }
+    };
+    let micros = u64::try_from(submitted.elapsed().as_micros()).unwrap_or(u64::MAX);
+    lock(&rt.counters.latency).saturating_record(micros.max(1));
+    if let Some(callback) = &shared.options.on_outcome {
+        callback(&export, outcome);
+    }
+    rt.counters.pending.fetch_sub(1, Ordering::Relaxed);
+    drop(_permit);
+    shared.pending.send_modify(|n| *n = n.saturating_sub(1));
+}
+
+async fn store_dead_letter(
+    shared: &Shared,
+    rt: &DestinationRuntime,
+    export: &Export,
+    round: &RoundResult,
+) -> Option<u64> {
+    let Some(store) = shared.dead_letters.clone() else {
+        tracing::error!(
+            destination = rt.id(),
+            attempts = round.attempts,
+            last_status = ?round.last_status,
+            last_error = %round.last_error,
+            "export failed and no dead-letter store is configured"
+        );
+        return None;
+    };
+    let letter = NewDeadLetter {
+        destination: rt.settings.clone(),
+        profile: export.profile.clone(),
+        epoch: export.epoch,
+        idempotency_key: export.idempotency_key.clone(),
+        payload: export.payload.clone(),
+        attempts: round.attempts,
+        last_status: round.last_status,
+        last_error: round.last_error.clone(),
+    };
+    match tokio::task::spawn_blocking(move || store.put(letter)).await {
+        Ok(Ok(entry)) => {
+            tracing::warn!(
+                destination = rt.id(),
+                entry = entry.id,
+                attempts = round.attempts,
+                last_status = ?round.last_status,
+                last_error = %round.last_error,
+                "export dead-lettered"
+            );
+            Some(entry.id)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(destination = rt.id(), error = %e, "could not store a dead letter");
+            None
+        }
+        Err(e) => {
+            tracing::error!(destination = rt.id(), error = %e, "dead-letter task failed");
+            None
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Redrive and listing of dead letters (SPEC §4, §5 `dead-letters list|redrive`).
+//!
+//! Redrive needs no configuration: each entry carries its destination's settings. Every entry
+//! gets one more round of its retry policy with the *same* `Idempotency-Key`. Delivered
+//! entries leave the store; the others stay with `attempts` added up and the new
+//! `lastStatus`/`lastError`. Entries of one (destination, profile) are re-sent one after
+//! another in their original order; different profiles concurrently, within each
+//! destination's `maxInFlight`. Entries with equal settings share one token cache.
+//!
+//! Run one redrive at a time per store (the CLI holds the store's lock; the service runs
+//! them through [`Egress::redrive`](super::Egress::redrive)).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::service::{DestinationRuntime, ServiceOptions, deliver_round};
+use super::transport::Transport;
+use crate::storage::{DeadLetter, DeadLetterStore, DestinationSettings};
+
+/// A destination ready to re-send to, or why its stored settings do not validate.
+type Prepared = Result<Arc<DestinationRuntime>, String>;
+
+/// What a redrive did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Delivered and removed from the store.
+    pub succeeded: usize,
+    /// Failed again (still in the store).
+    pub failed: usize,
+}
+
+/// Redrives the entries of `destination` (or all) with a fresh transport. Must run inside a
+/// tokio runtime.
+pub async fn redrive(store: Arc<DeadLetterStore>, destination: Option<&str>) -> RedriveReport {
+    redrive_with(
+        &Transport::new(),
+        store,
+        destination,
+        &ServiceOptions::default(),
+    )
+    .await
+}
+
+pub(crate) async fn redrive_with(
+    transport: &Transport,
+    store: Arc<DeadLetterStore>,
+    destination: Option<&str>,
+    options: &ServiceOptions,
+) -> RedriveReport {
+    let entries = {
+        let store = store.clone();
+        let filter = destination.map(str::to_string);
+        match tokio::task::spawn_blocking(move || store.list(filter.as_deref())).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "listing dead letters failed");
+                return RedriveReport::default();
+            }
+        }
+    };
+    let mut runtimes: Vec<(DestinationSettings, Result<Arc<DestinationRuntime>, String>)> =
+        Vec::new();
+    let mut groups: BTreeMap<(String, String), (Prepared, Vec<DeadLetter>)> = BTreeMap::new();
+    for entry in entries {
+        let rt = match runtimes.iter().find(|(s, _)| *s == entry.destination) {
+            Some((_, rt)) => rt.clone(),
+            None => {
+                let rt = DestinationRuntime::new(entry.destination.clone(), options).map(Arc::new);
+                runtimes.push((entry.destination.clone(), rt.clone()));
+                rt
+            }
+        };
+        let key = (entry.destination.id.clone(), entry.profile.clone());
+        groups
+            .entry(key)
+            .or_insert_with(|| (rt, Vec::new()))
+            .1
+            .push(entry);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (_, (rt, entries)) in groups {
+        let transport = transport.clone();
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut report = RedriveReport::default();
+            for entry in entries {
+                if redrive_entry(&transport, &store, &rt, entry).await {
+                    report.succeeded += 1;
+                } else {
+                    report.failed += 1;
+                }
+            }
+            report
+        });
+    }
+    let mut report = RedriveReport::default();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(r) => {
+                report.succeeded += r.succeeded;
+                report.failed += r.failed;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a redrive task failed");
+                report.failed += 1;
+            }
+        }
+    }
+    tracing::info!(
+        succeeded = report.succeeded,
+        failed = report.failed,
+        "redrive finished"
+    );
+    report
+}
+
+/// One entry; `true` when delivered (and removed).
+async fn redrive_entry(
+    transport: &Transport,
+    store: &Arc<DeadLetterStore>,
+    rt: &Prepared,
+    entry: DeadLetter,
+) -> bool {
+    let (delivered, attempts, last_status, last_error) = match rt {
+        Ok(rt) => {
+            let round = deliver_round(rt, transport, &entry.idempotency_key, &entry.payload).await;
+            (
+                round.delivered,
+                entry.attempts.saturating_add(round.attempts),
+                round.last_status,
+                round.last_error,
+            )
+        }
+        // Stored settings that no longer validate: no attempt was made.
+        Err(reason) => (
+            false,
+            entry.attempts,
+            None,
+            format!("cannot re-send: {reason}"),
+        ),
+    };
+    let id = entry.id;
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        if delivered {
+            store.remove(id)
+        } else {
+            store.update(id, attempts, last_status, &last_error)
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(entry = id, error = %e, "could not record the redrive in the dead-letter store")
+        }
+        Err(e) => tracing::error!(entry = id, error = %e, "dead-letter store task failed"),
+    }
+    if delivered {
+        tracing::info!(destination = %entry.destination.id, entry = id, "redriven export delivered");
+    } else {
+        tracing::warn!(destination = %entry.destination.id, entry = id, attempts, ?last_status, "redriven export failed again");
+    }
+    delivered
+}
+
+/// The `dead-letters list` objects (SPEC §5), oldest first.
+pub fn list_json(store: &DeadLetterStore, destination: Option<&str>) -> Vec<serde_json::Value> {
+    store
+        .list(destination)
+        .iter()
+        .map(DeadLetter::list_json)
+        .collect()
+}
+
+/// The `dead-letters list` output: one JSON object per line (without the newline).
+pub fn list_json_lines(store: &DeadLetterStore, destination: Option<&str>) -> Vec<String> {
+    list_json(store, destination)
+        .iter()
+        .map(|v| v.to_string())
+        .collect()
+}
