@@ -33,18 +33,35 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { exports: 200_000, profiles: 20_000, in_flight: vec![64, 256], payload_bytes: 512, wrk_seconds: 5, wrk: true };
+    let mut args = Args {
+        exports: 200_000,
+        profiles: 20_000,
+        in_flight: vec![64, 256],
+        payload_bytes: 512,
+        wrk_seconds: 5,
+        wrk: true,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<usize>().map_err(|_| format!("{flag}: not a number: {v}"));
+        let number = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: not a number: {v}"))
+        };
         match flag.as_str() {
             "--exports" => args.exports = number(value()?)?,
             "--profiles" => args.profiles = number(value()?)?.max(1),
             "--payload-bytes" => args.payload_bytes = number(value()?)?,
             "--wrk-seconds" => args.wrk_seconds = number(value()?)? as u64,
             "--in-flight" => {
-                args.in_flight = value()?.split(',').map(|s| s.trim().parse::<usize>().map_err(|_| format!("--in-flight: {s}"))).collect::<Result<_, _>>()?
+                args.in_flight = value()?
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("--in-flight: {s}"))
+                    })
+                    .collect::<Result<_, _>>()?
             }
             "--no-wrk" => args.wrk = false,
             other => return Err(format!("unknown argument {other}")),
@@ -55,13 +72,17 @@ fn parse_args() -> Result<Args, String> {
 
 /// Answers every request `200 {}` after reading its body; counts requests.
 async fn receiver() -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the receiver");
     let addr = listener.local_addr().expect("receiver address");
     let count = Arc::new(AtomicU64::new(0));
     let counter = count.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let counter = counter.clone();
             tokio::spawn(async move {
@@ -73,7 +94,9 @@ async fn receiver() -> (SocketAddr, Arc<AtomicU64>) {
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -92,8 +115,18 @@ async fn run_egress(addr: SocketAddr, args: &Args, max_in_flight: usize) -> Resu
         "delivery": {"maxInFlight": max_in_flight, "timeoutMs": 10_000}
     }))
     .map_err(|e| e.to_string())?;
-    let egress = Egress::new(vec![destination], None, EgressOptions { queue_capacity: 65_536, ..Default::default() }).map_err(|e| e.to_string())?;
-    let payloads: Vec<Bytes> = (0..args.profiles.min(args.exports).max(1)).map(|p| payload(args.payload_bytes, p, 0)).collect();
+    let egress = Egress::new(
+        vec![destination],
+        None,
+        EgressOptions {
+            queue_capacity: 65_536,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let payloads: Vec<Bytes> = (0..args.profiles.min(args.exports).max(1))
+        .map(|p| payload(args.payload_bytes, p, 0))
+        .collect();
     let start = Instant::now();
     for i in 0..args.exports {
         let profile = i % args.profiles;
@@ -126,9 +159,56 @@ async fn run_egress(addr: SocketAddr, args: &Args, max_in_flight: usize) -> Resu
     Ok(())
 }
 
-fn run_wrk(addr: SocketAddr, connections: usize, seconds: u64, body: &Bytes) -> Result<f64, String> {
+/// The transport alone (same pooled hyper client, `n` concurrent request loops, no egress
+/// machinery): what the egress could reach in this process.
+async fn run_raw(addr: SocketAddr, args: &Args, n: usize) -> Result<f64, String> {
+    let transport = streamdest::egress::Transport::new();
+    let body = payload(args.payload_bytes, 0, 0);
+    let next = Arc::new(AtomicU64::new(0));
+    let total = args.exports as u64;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (transport, body, next) = (transport.clone(), body.clone(), next.clone());
+        let uri: hyper::Uri = format!("http://{addr}/ingest")
+            .parse()
+            .map_err(|_| "bad uri".to_string())?;
+        tasks.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let request = Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| e.to_string())?;
+                let x = transport
+                    .send(request, Duration::from_secs(10), 65536)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !x.response.status().is_success() {
+                    return Err(format!("status {}", x.response.status()));
+                }
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    println!("transport only, {n} concurrent: {rate:.0} requests/s");
+    println!("RESULT raw {n} {rate:.0}");
+    Ok(rate)
+}
+
+fn run_wrk(
+    addr: SocketAddr,
+    connections: usize,
+    seconds: u64,
+    body: &Bytes,
+) -> Result<f64, String> {
     let script = std::env::temp_dir().join(format!("egress_bench_{}.lua", std::process::id()));
-    let body = String::from_utf8_lossy(body).replace('\\', "\\\\").replace('"', "\\\"");
+    let body = String::from_utf8_lossy(body)
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
     std::fs::write(
         &script,
         format!("wrk.method = \"POST\"\nwrk.body = \"{body}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"x-bench\"] = \"1\"\n"),
@@ -136,7 +216,16 @@ fn run_wrk(addr: SocketAddr, connections: usize, seconds: u64, body: &Bytes) -> 
     .map_err(|e| e.to_string())?;
     let threads = connections.min(2);
     let output = std::process::Command::new("wrk")
-        .args(["-t", &threads.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(&script)
         .arg(format!("http://{addr}/ingest"))
         .output()
@@ -147,24 +236,44 @@ fn run_wrk(addr: SocketAddr, connections: usize, seconds: u64, body: &Bytes) -> 
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .ok_or_else(|| format!("no Requests/sec in wrk output:\n{text}{}", String::from_utf8_lossy(&output.stderr)))?;
-    let p50 = text.lines().find_map(|l| l.trim().strip_prefix("50%")).map(str::trim).unwrap_or("?");
-    let p99 = text.lines().find_map(|l| l.trim().strip_prefix("99%")).map(str::trim).unwrap_or("?");
-    println!("wrk -c{connections} -t{threads} {seconds}s: {rps:.0} requests/s; latency p50 {p50} p99 {p99}");
+        .ok_or_else(|| {
+            format!(
+                "no Requests/sec in wrk output:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    let p50 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("50%"))
+        .map(str::trim)
+        .unwrap_or("?");
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .unwrap_or("?");
+    println!(
+        "wrk -c{connections} -t{threads} {seconds}s: {rps:.0} requests/s; latency p50 {p50} p99 {p99}"
+    );
     println!("RESULT wrk {connections} {rps:.0}");
     Ok(rps)
 }
 
 fn main() -> Result<(), String> {
     let args = parse_args()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let (addr, received) = runtime.block_on(receiver());
     println!(
         "receiver on {addr}; {} exports over {} profiles, {} B payloads, {} cores",
         args.exports,
         args.profiles,
         args.payload_bytes,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     let mut egress_rates = Vec::new();
     for &n in &args.in_flight {
@@ -174,15 +283,24 @@ fn main() -> Result<(), String> {
         egress_rates.push((n, args.exports as f64 / start.elapsed().as_secs_f64()));
         let got = received.load(Ordering::Relaxed) - before;
         if got != args.exports as u64 {
-            return Err(format!("the receiver got {got} requests, expected {}", args.exports));
+            return Err(format!(
+                "the receiver got {got} requests, expected {}",
+                args.exports
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    for &n in &args.in_flight {
+        runtime.block_on(run_raw(addr, &args, n))?;
     }
     if args.wrk {
         let body = payload(args.payload_bytes, 0, 0);
         for (n, egress_rate) in egress_rates {
             let wrk_rate = run_wrk(addr, n, args.wrk_seconds, &body)?;
-            println!("ratio egress/wrk at {n} connections: {:.2}", egress_rate / wrk_rate);
+            println!(
+                "ratio egress/wrk at {n} connections: {:.2}",
+                egress_rate / wrk_rate
+            );
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 //! upsert inputs need, keeping every event's mark for the export triggers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use streamdest_operators::input::{EpochInput, EventMark, Fragment, Identity, fragment_key};
@@ -207,7 +208,7 @@ pub fn parse_value(value: &Value) -> Result<Event, EventError> {
 /// An event resolved against the plan, ready for an epoch.
 #[derive(Debug, Clone)]
 pub enum Update {
-    Upsert(Fragment),
+    Upsert(Arc<Fragment>),
     Delete {
         dataset: String,
         id: String,
@@ -252,7 +253,7 @@ impl Update {
                     .collect();
                 mapped.sort_unstable();
                 mapped.dedup();
-                Update::Upsert(Fragment {
+                Update::Upsert(Arc::new(Fragment {
                     dataset,
                     id,
                     identities,
@@ -261,7 +262,7 @@ impl Update {
                     ts,
                     seq,
                     mapped,
-                })
+                }))
             }
             Event::FragmentDelete { dataset, id, .. } => Update::Delete {
                 dataset,
@@ -313,7 +314,7 @@ impl Update {
 #[derive(Debug)]
 pub struct EpochBuilder {
     peers: usize,
-    fragments: Vec<BTreeMap<u64, Option<Fragment>>>,
+    fragments: Vec<BTreeMap<u64, Option<Arc<Fragment>>>>,
     uploads: Vec<BTreeMap<(AudienceIdx, u64), bool>>,
     inputs: Vec<EpochInput>,
     events: usize,

@@ -279,3 +279,40 @@ async fn list_prints_one_json_object_per_entry() {
     assert_eq!(v["payload"], json!({"profile": "email:x", "epoch": 1}));
     assert!(list_json_lines(&store, Some("other")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_dead_letters_every_export_durably() {
+    let addr = refused_addr();
+    let (dir, store) = temp_store();
+    let dest = destination(
+        "d",
+        &format!("http://{addr}/"),
+        json!({"delivery": {"maxRetries": 0, "timeoutMs": 500}}),
+    );
+    let (egress, outcomes) = egress_with(vec![dest], Some(store.clone()), 4096);
+    let start = std::time::Instant::now();
+    for p in 0..1000 {
+        egress
+            .submit(export("d", &format!("ecid:{p}"), 1))
+            .await
+            .unwrap();
+    }
+    egress.drain().await;
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(egress.stats().dead_lettered, 1000);
+    assert!(outcomes.all().iter().all(|(_, o)| matches!(
+        o,
+        streamdest::egress::Outcome::DeadLettered { entry: Some(_), .. }
+    )));
+    // Every entry is on disk (group commit): a reader sees them all.
+    let reader = DeadLetterStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.len(), 1000);
+    let mut profiles: Vec<String> = reader.list(None).into_iter().map(|e| e.profile).collect();
+    profiles.sort();
+    profiles.dedup();
+    assert_eq!(profiles.len(), 1000);
+}

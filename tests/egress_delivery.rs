@@ -479,3 +479,25 @@ fn submit_blocking_from_a_plain_thread() {
     assert_eq!(server.count(), 10);
     assert_eq!(egress.stats().delivered, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_goes_through_rustls_and_a_failed_handshake_is_a_connection_error() {
+    // A plain-HTTP server spoken to over https: the TLS handshake fails.
+    let server = TestServer::always(Reply::ok()).await;
+    let (_dir, store) = temp_store();
+    let dest = destination(
+        "tls",
+        &format!("https://{}/x", server.addr),
+        json!({"delivery": {"maxRetries": 1, "timeoutMs": 1000}}),
+    );
+    let (egress, _) = egress_with(vec![dest], Some(store.clone()), 4);
+    egress.submit(export("tls", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    let e = &store.list(None)[0];
+    assert_eq!((e.attempts, e.last_status), (2, None));
+    assert!(
+        e.last_error.contains("connection error"),
+        "{}",
+        e.last_error
+    );
+}

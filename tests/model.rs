@@ -384,7 +384,7 @@ fn history(seed: u64, events: usize, persons: usize) -> Vec<Line> {
         let event = if roll < 15 {
             // uploadMembers
             let audience = if rng.chance(0.5) { "t-vip" } else { "c-vip" };
-            let mut random_identity = |rng: &mut Rng| {
+            let random_identity = |rng: &mut Rng| {
                 let (namespace, id) = match rng.below(5) {
                     0 => phone(rng.below(phones)),
                     1 | 2 => email(rng.below(persons)),
@@ -1172,8 +1172,19 @@ fn compare(expected: &Expected, actual: &[Export], lines: &[Line]) -> Result<(),
 /// Replays `lines` with (workers, batch); `Err` with a report when the output differs.
 fn check(setup: &Setup, lines: &[Line], workers: usize, batch: usize) -> Result<usize, String> {
     let files = write_files(setup, lines);
+    if let Some(dir) = std::env::var_os("MODEL_DUMP") {
+        let stem = format!("b{batch}_n{}", lines.len());
+        std::fs::copy(&files.config, Path::new(&dir).join("config.json")).expect("dump");
+        std::fs::copy(&files.events, Path::new(&dir).join(format!("{stem}.ndjson"))).expect("dump");
+    }
+    let t = Instant::now();
     let want = expected(setup, lines, batch);
+    let model_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let got = run_binary(&files.config, &files.events, workers, batch);
+    if std::env::var_os("MODEL_TIMING").is_some() {
+        eprintln!("  model {model_s:.1}s, binary {:.1}s", t.elapsed().as_secs_f64());
+    }
     compare(&want, &got, lines).map(|()| got.len())
 }
 

@@ -33,7 +33,7 @@ use timely::dataflow::Scope;
 use timely::dataflow::operators::core::input::{Handle, Input as _};
 
 use crate::export::Candidate;
-use crate::input::{Epoch, EpochInput, EventMark, FragKey, Fragment, IdKey, ProfileKey};
+use crate::input::{Epoch, EpochInput, EventMark, FragKey, Fragment, IdKey, Identity, ProfileKey};
 use crate::plan::{AudienceIdx, Plan, PolicyIdx, Stitching};
 use crate::profile::{Member, View, assemble};
 use crate::status::{Outcome, Part, StatusRecord, step, tombstone};
@@ -45,7 +45,7 @@ pub type PolicyProfile = (PolicyIdx, ProfileKey);
 
 /// The handles a worker pushes its share of each epoch into.
 pub struct Inputs {
-    fragments: UpsertHandle<FragKey, Fragment>,
+    fragments: UpsertHandle<FragKey, Arc<Fragment>>,
     uploads: UpsertHandle<(AudienceIdx, IdKey), ()>,
     fragment_marks: InputSession<Epoch, (FragKey, EventMark), isize>,
     upload_marks: InputSession<Epoch, ((AudienceIdx, IdKey), EventMark), isize>,
@@ -99,9 +99,9 @@ impl Inputs {
 pub fn build<'s>(
     scope: Scope<'s, Epoch>,
     plan: Arc<Plan>,
-) -> (Inputs, Coll<'s, (PolicyProfile, Candidate)>) {
+) -> (Inputs, Coll<'s, (PolicyProfile, Arc<Candidate>)>) {
     let (fragment_handle, fragment_stream) =
-        scope.new_input::<Vec<(FragKey, Option<Fragment>, Epoch)>>();
+        scope.new_input::<Vec<(FragKey, Option<Arc<Fragment>>, Epoch)>>();
     let (upload_handle, upload_stream) =
         scope.new_input::<Vec<((AudienceIdx, IdKey), Option<()>, Epoch)>>();
     let (fragment_marks_in, fragment_marks) = scope.new_collection::<(FragKey, EventMark), isize>();
@@ -109,10 +109,10 @@ pub fn build<'s>(
         scope.new_collection::<((AudienceIdx, IdKey), EventMark), isize>();
 
     let fragments = arrange_from_upsert::<
-        ValBuilder<FragKey, Fragment, Epoch, isize>,
-        ValSpine<FragKey, Fragment, Epoch, isize>,
+        ValBuilder<FragKey, Arc<Fragment>, Epoch, isize>,
+        ValSpine<FragKey, Arc<Fragment>, Epoch, isize>,
         FragKey,
-        Fragment,
+        Arc<Fragment>,
     >(fragment_stream, "Fragments");
     let uploads = arrange_from_upsert::<
         ValBuilder<(AudienceIdx, IdKey), (), Epoch, isize>,
@@ -125,7 +125,7 @@ pub fn build<'s>(
     // A fragment event also removes the mapped paths its previous version held.
     let previous_mapped = fragments
         .clone()
-        .as_collection(|key, f: &Fragment| (*key, f.mapped.clone()))
+        .as_collection(|key, f: &Arc<Fragment>| (*key, f.mapped.clone()))
         .delay(|t| t + 1);
     let removed_marks = fragment_marks
         .clone()
@@ -162,8 +162,8 @@ pub fn build<'s>(
             });
         let identity_profile = members
             .clone()
-            .flat_map(|(profile, f): (ProfileKey, Fragment)| {
-                f.identities.into_iter().map(move |i| (i.key(), profile))
+            .flat_map(|(profile, f): (ProfileKey, Arc<Fragment>)| {
+                f.identities.iter().map(move |i| (i.key(), profile)).collect::<Vec<_>>()
             })
             .distinct();
         let audience_policy = {
@@ -199,7 +199,7 @@ pub fn build<'s>(
                     out.push((
                         (
                             policy,
-                            assemble(&plan_a, policy, members.iter().map(|(m, _)| *m)),
+                            Arc::new(assemble(&plan_a, policy, members.iter().map(|(m, _)| *m))),
                         ),
                         1,
                     ));
@@ -251,18 +251,17 @@ pub fn build<'s>(
 
     // History: the records of the previous epoch.
     let (records_var, previous) =
-        VecVariable::<Epoch, (PolicyProfile, StatusRecord), isize>::new(scope, 1);
+        VecVariable::<Epoch, (PolicyProfile, Arc<StatusRecord>), isize>::new(scope, 1);
 
     // Predecessors: previous profiles sharing an identity (stitching `none`: the same primary
     // identity, which is the profile key itself).
     let link_keys = {
         let plan = plan.clone();
-        move |((policy, profile), identities): (PolicyProfile, Vec<crate::input::Identity>)| {
+        move |((policy, profile), identities): (PolicyProfile, Vec<IdKey>)| {
             let keys: Vec<_> = match plan.policies[policy as usize].stitching {
-                Stitching::PrivateGraph => identities
-                    .iter()
-                    .map(|i| ((policy, i.key()), profile))
-                    .collect(),
+                Stitching::PrivateGraph => {
+                    identities.into_iter().map(|i| ((policy, i), profile)).collect()
+                }
                 Stitching::None => vec![((policy, profile), profile)],
             };
             keys
@@ -270,11 +269,11 @@ pub fn build<'s>(
     };
     let now_links = views
         .clone()
-        .map(|(key, v)| (key, v.identities))
+        .map(|(key, v)| (key, v.identities.iter().map(Identity::key).collect::<Vec<_>>()))
         .flat_map(link_keys.clone());
     let before_links = previous
         .clone()
-        .map(|(key, r)| (key, r.identities))
+        .map(|(key, r)| (key, r.identities.iter().map(Identity::key).collect::<Vec<_>>()))
         .flat_map(link_keys);
     let predecessors = now_links
         .join_map(before_links, |(policy, _), profile, before| {
@@ -329,7 +328,7 @@ pub fn build<'s>(
         )
         .reduce_named(
             "Tombstone",
-            |&(policy, _), parts, out: &mut Vec<(Candidate, isize)>| {
+            |&(policy, _), parts, out: &mut Vec<(Arc<Candidate>, isize)>| {
                 let mut record = None;
                 let mut marks = Vec::new();
                 for (part, _) in parts {
@@ -340,7 +339,7 @@ pub fn build<'s>(
                     }
                 }
                 if let Some(candidate) = record.and_then(|r| tombstone(policy, r, &marks)) {
-                    out.push((candidate, 1));
+                    out.push((Arc::new(candidate), 1));
                 }
             },
         );

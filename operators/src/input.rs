@@ -5,6 +5,7 @@
 //! time, so a replay of the same input always forms the same epochs.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,7 +101,7 @@ pub struct EventMark {
 #[derive(Clone, Debug, Default)]
 pub struct EpochInput {
     /// The last upsert (`Some`) or delete (`None`) of each fragment written in the epoch.
-    pub fragments: Vec<(FragKey, Option<Fragment>)>,
+    pub fragments: Vec<(FragKey, Option<Arc<Fragment>>)>,
     /// Every fragment event of the epoch (`mapped` holds the paths the upsert wrote; the
     /// dataflow adds those the previous version held).
     pub fragment_marks: Vec<(FragKey, EventMark)>,

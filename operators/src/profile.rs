@@ -2,6 +2,7 @@
 //! [`View`] per merge policy, with the audiences it qualifies for.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,7 @@ use crate::plan::{AudienceIdx, AudienceKind, Plan, PolicyIdx};
 /// One value of a profile's group in the assembly `reduce`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Member {
-    Fragment(Fragment),
+    Fragment(Arc<Fragment>),
     /// One of the profile's identities is uploaded to this audience.
     Upload(AudienceIdx),
 }
@@ -36,7 +37,7 @@ pub fn assemble<'a>(
     members: impl Iterator<Item = &'a Member> + Clone,
 ) -> View {
     let fragments = members.clone().filter_map(|m| match m {
-        Member::Fragment(f) => Some(f),
+        Member::Fragment(f) => Some(&**f),
         Member::Upload(_) => None,
     });
     let uploaded: BTreeSet<AudienceIdx> = members

@@ -32,12 +32,12 @@ pub struct Completed {
 /// Attaches the export sink to `candidates`; `emit` is called on the worker thread and must not
 /// block for long (hand the message to a channel).
 pub fn export_sink<'s>(
-    candidates: VecCollection<'s, Epoch, (PolicyProfile, Candidate), isize>,
+    candidates: VecCollection<'s, Epoch, (PolicyProfile, Arc<Candidate>), isize>,
     plan: Arc<Plan>,
     worker: usize,
     mut emit: impl FnMut(Completed) + 'static,
 ) {
-    let mut pending: BTreeMap<Epoch, Vec<Candidate>> = BTreeMap::new();
+    let mut pending: BTreeMap<Epoch, Vec<Arc<Candidate>>> = BTreeMap::new();
     let mut reported: Epoch = 0;
     candidates
         .inner

@@ -9,6 +9,7 @@
 //! epoch's event marks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,9 +29,9 @@ pub struct StatusRecord {
 /// One value of a profile's group in the status `reduce`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Part {
-    View(View),
+    View(Arc<View>),
     /// A predecessor's record from the previous epoch, tagged with its key.
-    Predecessor(u64, StatusRecord),
+    Predecessor(u64, Arc<StatusRecord>),
     Mark(EventMark),
 }
 
@@ -38,8 +39,8 @@ pub enum Part {
 /// epoch that may export the profile, a candidate (present for that epoch only).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Outcome {
-    Record(StatusRecord),
-    Export(Candidate),
+    Record(Arc<StatusRecord>),
+    Export(Arc<Candidate>),
 }
 
 fn inherited<'a>(
@@ -76,7 +77,7 @@ pub fn step(plan: &Plan, policy: PolicyIdx, parts: &[&Part], out: &mut Vec<Outco
     for part in parts {
         match part {
             Part::View(v) => view = Some(v),
-            Part::Predecessor(_, r) => predecessors.push(r),
+            Part::Predecessor(_, r) => predecessors.push(&**r),
             Part::Mark(m) => marks.push(m),
         }
     }
@@ -113,13 +114,13 @@ pub fn step(plan: &Plan, policy: PolicyIdx, parts: &[&Part], out: &mut Vec<Outco
     let touched = union_touched(marks.iter().copied());
     let realized = memberships.iter().any(|m| m.status == Status::Realized);
 
-    out.push(Outcome::Record(StatusRecord {
+    out.push(Outcome::Record(Arc::new(StatusRecord {
         identities: view.identities.clone(),
         memberships: memberships.clone(),
-    }));
+    })));
     let may_export = !changed.is_empty() || (realized && (identity_changed || !touched.is_empty()));
     if let (true, Some(seq)) = (may_export, marks.iter().map(|m| m.seq).max()) {
-        out.push(Outcome::Export(Candidate {
+        out.push(Outcome::Export(Arc::new(Candidate {
             policy,
             identities: view.identities.clone(),
             leaves: view.leaves.clone(),
@@ -129,7 +130,7 @@ pub fn step(plan: &Plan, policy: PolicyIdx, parts: &[&Part], out: &mut Vec<Outco
             touched,
             seq,
             tombstone: false,
-        }));
+        })));
     }
 }
 

@@ -8,6 +8,8 @@
 //! through it are retracted and the parts settle on their own minima. `none` puts each fragment
 //! in the profile of its primary identity.
 
+use std::sync::Arc;
+
 use differential_dataflow::VecCollection;
 use differential_dataflow::algorithms::graphs::propagate::propagate;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
@@ -19,12 +21,12 @@ use crate::plan::Stitching;
 /// The `(fragment, profile)` pairs under `kind`.
 pub fn profiles_of<'s>(
     kind: Stitching,
-    fragments: Arranged<'s, TraceAgent<ValSpine<FragKey, Fragment, Epoch, isize>>>,
+    fragments: Arranged<'s, TraceAgent<ValSpine<FragKey, Arc<Fragment>, Epoch, isize>>>,
 ) -> VecCollection<'s, Epoch, (FragKey, ProfileKey), isize> {
     match kind {
-        Stitching::None => fragments.as_collection(|key, f: &Fragment| (*key, f.primary.key())),
+        Stitching::None => fragments.as_collection(|key, f: &Arc<Fragment>| (*key, f.primary.key())),
         Stitching::PrivateGraph => {
-            let edges = fragments.flat_map_ref(|key, f: &Fragment| {
+            let edges = fragments.flat_map_ref(|key, f: &Arc<Fragment>| {
                 f.identities
                     .iter()
                     .map(|i| (*key, i.key()))

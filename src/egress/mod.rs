@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 pub use redrive::{RedriveReport, list_json, list_json_lines, redrive};
 pub use retry::RetryPolicy;
@@ -155,8 +155,16 @@ struct Queued {
 
 type QueueKey = (String, String);
 
+/// A dead letter to store and where to say under which id (or why not).
+type DeadLetterRequest = (NewDeadLetter, oneshot::Sender<Result<u64, String>>);
+
+/// The most dead letters written with one `fsync`.
+const DEAD_LETTER_BATCH: usize = 1024;
+
 struct Shared {
     runtime: tokio::runtime::Handle,
+    /// To the dead-letter writer task (group commit), when a store is configured.
+    dead_letter_tx: Option<mpsc::UnboundedSender<DeadLetterRequest>>,
     transport: Transport,
     destinations: RwLock<HashMap<String, Arc<DestinationRuntime>>>,
     dead_letters: Option<Arc<DeadLetterStore>>,
@@ -213,10 +221,16 @@ impl Egress {
             }
         }
         let (pending, _) = watch::channel(0);
+        let dead_letter_tx = dead_letters.as_ref().map(|store| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(write_dead_letters(store.clone(), rx));
+            tx
+        });
         let capacity = options.queue_capacity.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Egress {
             shared: Arc::new(Shared {
                 runtime,
+                dead_letter_tx,
                 transport: Transport::new(),
                 destinations: RwLock::new(map),
                 dead_letters,
@@ -500,7 +514,7 @@ async fn store_dead_letter(
     export: &Export,
     round: &RoundResult,
 ) -> Option<u64> {
-    let Some(store) = shared.dead_letters.clone() else {
+    let Some(tx) = shared.dead_letter_tx.as_ref() else {
         tracing::error!(
             destination = rt.id(),
             attempts = round.attempts,
@@ -520,25 +534,67 @@ async fn store_dead_letter(
         last_status: round.last_status,
         last_error: round.last_error.clone(),
     };
-    match tokio::task::spawn_blocking(move || store.put(letter)).await {
-        Ok(Ok(entry)) => {
+    let (reply, stored) = oneshot::channel();
+    let result = match tx.send((letter, reply)) {
+        Ok(()) => stored
+            .await
+            .unwrap_or_else(|_| Err("the dead-letter writer stopped".into())),
+        Err(_) => Err("the dead-letter writer stopped".into()),
+    };
+    match result {
+        Ok(id) => {
             tracing::warn!(
                 destination = rt.id(),
-                entry = entry.id,
+                entry = id,
                 attempts = round.attempts,
                 last_status = ?round.last_status,
                 last_error = %round.last_error,
                 "export dead-lettered"
             );
-            Some(entry.id)
+            Some(id)
         }
-        Ok(Err(e)) => {
-            tracing::error!(destination = rt.id(), error = %e, "could not store a dead letter");
+        Err(error) => {
+            tracing::error!(destination = rt.id(), %error, "could not store a dead letter");
             None
         }
-        Err(e) => {
-            tracing::error!(destination = rt.id(), error = %e, "dead-letter task failed");
-            None
+    }
+}
+
+/// Writes dead letters in batches: whatever queued up while the previous `fsync` ran goes
+/// out with the next one (group commit), so an endpoint outage is not throttled by the disk.
+async fn write_dead_letters(
+    store: Arc<DeadLetterStore>,
+    mut rx: mpsc::UnboundedReceiver<DeadLetterRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < DEAD_LETTER_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (letters, replies): (Vec<NewDeadLetter>, Vec<_>) = batch.into_iter().unzip();
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || store.put_batch(letters)).await;
+        match result {
+            Ok(Ok(entries)) => {
+                for (entry, reply) in entries.iter().zip(replies) {
+                    let _ = reply.send(Ok(entry.id));
+                }
+            }
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(text.clone()));
+                }
+            }
+            Err(e) => {
+                let text = format!("dead-letter task failed: {e}");
+                for reply in replies {
+                    let _ = reply.send(Err(text.clone()));
+                }
+            }
         }
     }
 }

@@ -5,7 +5,13 @@
 //! One file, `deadletters.log`, in the data directory: an 8-byte magic header followed by
 //! frames `[len: u32 LE][crc32(body): u32 LE][body: JSON record]`. Records are
 //! `put` (a whole entry), `update` (attempts, last status and error after a failed redrive)
-//! and `remove` (delivered on redrive). Every append is `fsync`ed before the call returns.
+//! and `remove` (delivered on redrive). Every append is `fsync`ed before the call returns;
+//! [`DeadLetterStore::put_batch`] writes many entries with one `fsync` (the egress batches
+//! what fails while the previous `fsync` runs, so an outage is not throttled by the disk).
+//!
+//! The live entries (payloads included) are also kept in memory, indexed by id: the store is
+//! sized for failures to be re-driven, not for the whole stream — a long outage of a busy
+//! destination costs about the payload plus ~0.5 KiB per entry.
 //!
 //! On open the log is replayed; a torn or corrupt tail (short frame, absurd length, checksum
 //! mismatch, undecodable body) ends the replay, is logged, and — when the store is opened for
@@ -295,27 +301,51 @@ impl DeadLetterStore {
 
     /// Stores an entry durably and returns it with its id.
     pub fn put(&self, letter: NewDeadLetter) -> Result<DeadLetter, StoreError> {
+        let mut entries = self.put_batch(vec![letter])?;
+        entries
+            .pop()
+            .ok_or_else(|| StoreError::Encode(serde::ser::Error::custom("empty batch")))
+    }
+
+    /// Stores several entries with one write and one `fsync` (group commit), all or none.
+    pub fn put_batch(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<DeadLetter>, StoreError> {
+        if letters.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut inner = self.lock();
         let now = now_ms();
-        let entry = DeadLetter {
-            id: inner.next_id,
-            destination: letter.destination,
-            profile: letter.profile,
-            epoch: letter.epoch,
-            idempotency_key: letter.idempotency_key,
-            payload: letter.payload,
-            attempts: letter.attempts,
-            last_status: letter.last_status,
-            last_error: letter.last_error,
-            stored_at_ms: now,
-            updated_at_ms: now,
-        };
-        let size = self.append(&mut inner, &Record::Put(Box::new(entry.clone())))?;
-        inner.next_id = entry.id + 1;
-        inner.live_bytes += size;
-        inner.frame_sizes.insert(entry.id, size);
-        inner.entries.insert(entry.id, entry.clone());
-        Ok(entry)
+        let mut id = inner.next_id;
+        let mut frames = Vec::new();
+        let mut stored = Vec::with_capacity(letters.len());
+        for letter in letters {
+            let entry = DeadLetter {
+                id,
+                destination: letter.destination,
+                profile: letter.profile,
+                epoch: letter.epoch,
+                idempotency_key: letter.idempotency_key,
+                payload: letter.payload,
+                attempts: letter.attempts,
+                last_status: letter.last_status,
+                last_error: letter.last_error,
+                stored_at_ms: now,
+                updated_at_ms: now,
+            };
+            let before = frames.len();
+            encode_frame_into(&Record::Put(Box::new(entry.clone())), &mut frames)?;
+            stored.push((entry, (frames.len() - before) as u64));
+            id += 1;
+        }
+        self.append(&mut inner, &frames)?;
+        inner.next_id = id;
+        let mut out = Vec::with_capacity(stored.len());
+        for (entry, size) in stored {
+            inner.live_bytes += size;
+            inner.frame_sizes.insert(entry.id, size);
+            inner.entries.insert(entry.id, entry.clone());
+            out.push(entry);
+        }
+        Ok(out)
     }
 
     /// The entries, oldest first, of one destination or of all.
@@ -364,7 +394,7 @@ impl DeadLetterStore {
             last_error: last_error.to_string(),
             updated_at_ms,
         };
-        let size = self.append(&mut inner, &record)?;
+        let size = self.append_record(&mut inner, &record)?;
         if let Some(e) = inner.entries.get_mut(&id) {
             e.attempts = attempts;
             e.last_status = last_status;
@@ -387,7 +417,7 @@ impl DeadLetterStore {
         if !inner.entries.contains_key(&id) {
             return Ok(false);
         }
-        self.append(&mut inner, &Record::Remove { id })?;
+        self.append_record(&mut inner, &Record::Remove { id })?;
         inner.entries.remove(&id);
         if let Some(size) = inner.frame_sizes.remove(&id) {
             inner.live_bytes = inner.live_bytes.saturating_sub(size);
@@ -410,14 +440,19 @@ impl DeadLetterStore {
     }
 
     /// Appends one record and fsyncs; on failure the log is cut back to its previous length.
-    fn append(&self, inner: &mut Inner, record: &Record) -> Result<u64, StoreError> {
-        let path = self.log_path();
+    fn append_record(&self, inner: &mut Inner, record: &Record) -> Result<u64, StoreError> {
         let frame = encode_frame(record)?;
+        self.append(inner, &frame)
+    }
+
+    /// Appends whole frames and fsyncs; on failure the log is cut back to its previous length.
+    fn append(&self, inner: &mut Inner, frame: &[u8]) -> Result<u64, StoreError> {
+        let path = self.log_path();
         let start = inner.len;
         let Some(file) = inner.file.as_mut() else {
             return Err(StoreError::ReadOnly { path });
         };
-        let result = file.write_all(&frame).and_then(|()| file.sync_data());
+        let result = file.write_all(frame).and_then(|()| file.sync_data());
         if let Err(e) = result {
             // Do not leave a partial frame for later appends to hide behind.
             let _ = file.set_len(start);
@@ -485,15 +520,23 @@ fn empty_inner() -> Inner {
 }
 
 fn encode_frame(record: &Record) -> Result<Vec<u8>, StoreError> {
+    let mut frame = Vec::new();
+    encode_frame_into(record, &mut frame)?;
+    Ok(frame)
+}
+
+fn encode_frame_into(record: &Record, frame: &mut Vec<u8>) -> Result<(), StoreError> {
     let body = serde_json::to_vec(record).map_err(StoreError::Encode)?;
-    let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
+    frame.reserve(FRAME_HEADER + body.len());
     // Bodies are far below 4 GiB (payloads are single JSON objects); guard anyway.
     let len = u32::try_from(body.len())
-        .map_err(|_| StoreError::Encode(serde::ser::Error::custom("record too large")))?;
+        .ok()
+        .filter(|len| *len <= MAX_RECORD)
+        .ok_or_else(|| StoreError::Encode(serde::ser::Error::custom("record too large")))?;
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     frame.extend_from_slice(&body);
-    Ok(frame)
+    Ok(())
 }
 
 /// Replays the log; `inner.len` is the end of the last good frame.
