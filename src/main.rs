@@ -1,6 +1,6 @@
 //! The `streamdest` command line (SPEC §5).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use streamdest::config::Config;
 use streamdest::pipeline::Cluster;
-use streamdest::replay::{DryRun, ReplayOptions, Source, replay};
+use streamdest::egress::{self, Egress, EgressOptions};
+use streamdest::replay::{Deliver, DryRun, ReplayOptions, Source, replay};
+use streamdest::storage::deadletter::DeadLetterStore;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +70,11 @@ enum Command {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// List or re-drive the exports that could not be delivered.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Check a configuration file.
     Validate {
         #[arg(long)]
@@ -75,16 +82,53 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print one JSON object a line: destination, profile, attempts, lastStatus, lastError, payload.
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        destination: Option<String>,
+    },
+    /// Give each entry one more round of its retry policy; exit 1 if any failed again.
+    Redrive {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        destination: Option<String>,
+    },
+}
+
+/// Where `replay` keeps its dead letters when `--data-dir` is not given.
+const DEFAULT_DATA_DIR: &str = "streamdest-data";
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("egress")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn load_config(path: &PathBuf) -> anyhow::Result<Config> {
+fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -101,12 +145,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&config.redacted_json())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters { action } => {
+            let (data_dir, destination, redrive) = match action {
+                DeadLetterAction::List { data_dir, destination } => (data_dir, destination, false),
+                DeadLetterAction::Redrive { data_dir, destination } => (data_dir, destination, true),
+            };
+            if !redrive {
+                let store = DeadLetterStore::open_read_only(&data_dir)
+                    .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
+                for line in egress::list_json_lines(&store, destination.as_deref()) {
+                    println!("{line}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let store = DeadLetterStore::open(&data_dir)
+                .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
+            let report = runtime()?.block_on(egress::redrive(Arc::new(store), destination.as_deref()));
+            eprintln!("redrive: {} delivered, {} failed again", report.succeeded, report.failed);
+            Ok(if report.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
         Command::Replay {
             config,
             events,
             workers,
             batch,
-            data_dir: _,
+            data_dir,
             dry_run,
             cluster,
         } => {
@@ -118,19 +181,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch,
                 cluster: cluster.cluster(),
             };
-            if !dry_run {
-                anyhow::bail!("delivery to endpoints is not wired into replay yet; use --dry-run");
-            }
-            let (summary, _) =
-                replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
-            eprintln!(
-                "replay: {} events in {} epochs, {} exports, {:.2}s ({:.0} events/s)",
-                summary.events,
-                summary.epochs,
-                summary.exports,
-                summary.elapsed.as_secs_f64(),
-                summary.events as f64 / summary.elapsed.as_secs_f64().max(1e-9)
-            );
+            let summary = if dry_run {
+                let (summary, _) = replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
+                eprintln!(
+                    "replay: {} events in {} epochs, {} exports, {:.2}s ({:.0} events/s)",
+                    summary.events,
+                    summary.epochs,
+                    summary.exports,
+                    summary.elapsed.as_secs_f64(),
+                    summary.events as f64 / summary.elapsed.as_secs_f64().max(1e-9)
+                );
+                summary
+            } else {
+                let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+                let store = DeadLetterStore::open(&data_dir)
+                    .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
+                let rt = runtime()?;
+                let egress = {
+                    let _guard = rt.enter();
+                    Egress::new(config.destinations.clone(), Some(Arc::new(store)), EgressOptions::default())
+                        .context("starting the egress")?
+                };
+                let handler = Deliver::new(plan.clone(), egress.clone());
+                let (summary, _) = replay(plan, &options, handler).context("replay")?;
+                rt.block_on(egress.drain());
+                let stats = egress.stats();
+                let q = |p: f64| stats.latency.value_at_quantile(p) as f64 / 1000.0;
+                eprintln!(
+                    "replay: {} events in {} epochs, {:.2}s; exports {}, delivered {}, retried {}, dead-lettered {}; \
+                     delivery latency ms p50 {:.1} p95 {:.1} p99 {:.1} max {:.1}",
+                    summary.events,
+                    summary.epochs,
+                    summary.elapsed.as_secs_f64(),
+                    stats.exports,
+                    stats.delivered,
+                    stats.retried,
+                    stats.dead_lettered,
+                    q(0.5),
+                    q(0.95),
+                    q(0.99),
+                    stats.latency.max() as f64 / 1000.0
+                );
+                summary
+            };
             if let Some(error) = summary.error {
                 eprintln!("streamdest: {error}");
                 return Ok(ExitCode::FAILURE);

@@ -216,3 +216,32 @@ pub fn feed<H: ExportHandler>(
     summary.elapsed = started.elapsed();
     Ok((summary, handler))
 }
+
+/// Delivery: each export goes to the egress, in epoch order (the egress keeps per-profile order).
+pub struct Deliver {
+    plan: Arc<Plan>,
+    egress: crate::egress::Egress,
+}
+
+impl Deliver {
+    pub fn new(plan: Arc<Plan>, egress: crate::egress::Egress) -> Self {
+        Deliver { plan, egress }
+    }
+}
+
+impl ExportHandler for Deliver {
+    fn epoch(&mut self, epoch: Epoch, exports: Vec<Encoded>) -> anyhow::Result<()> {
+        for e in exports {
+            let export = crate::egress::Export {
+                destination: self.plan.destinations[e.destination as usize].id.clone(),
+                profile: e.profile,
+                epoch,
+                idempotency_key: e.idempotency_key,
+                payload: bytes::Bytes::from(e.payload),
+            };
+            // Blocks while the egress intake is full: backpressure to the dataflow.
+            self.egress.submit_blocking(export)?;
+        }
+        Ok(())
+    }
+}

@@ -527,6 +527,45 @@ struct Model<'a> {
     uploads: BTreeSet<(usize, Identity)>,
     /// Per policy: the profiles at the end of the previous epoch.
     profiles: Vec<Vec<Profile>>,
+    stats: Stats,
+}
+
+/// What a history exercised, to keep the generator honest.
+#[derive(Debug, Default)]
+struct Stats {
+    epochs: usize,
+    exports: usize,
+    /// Profiles with several predecessors.
+    merges: usize,
+    /// Previous profiles with several successors.
+    splits: usize,
+    /// Exported tombstones.
+    tombstones: usize,
+    realized: usize,
+    exited: usize,
+    /// `exited` → `realized`.
+    rerealized: usize,
+    /// Exports by trigger 2 alone / trigger 3 alone.
+    identity_only: usize,
+    attribute_only: usize,
+    /// Epochs with two exports of the same (destination, profile).
+    same_key: usize,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.epochs += o.epochs;
+        self.exports += o.exports;
+        self.merges += o.merges;
+        self.splits += o.splits;
+        self.tombstones += o.tombstones;
+        self.realized += o.realized;
+        self.exited += o.exited;
+        self.rerealized += o.rerealized;
+        self.identity_only += o.identity_only;
+        self.attribute_only += o.attribute_only;
+        self.same_key += o.same_key;
+    }
 }
 
 impl<'a> Model<'a> {
@@ -536,6 +575,7 @@ impl<'a> Model<'a> {
             frags: BTreeMap::new(),
             uploads: BTreeSet::new(),
             profiles: vec![Vec::new(); setup.policies.len()],
+            stats: Stats::default(),
         }
     }
 
@@ -644,6 +684,14 @@ impl<'a> Model<'a> {
             out.extend(self.policy_epoch(policy, &frag_events, &upload_events));
         }
         out.sort_by(|a, b| (a.dest, &a.profile).cmp(&(b.dest, &b.profile)));
+        self.stats.epochs += 1;
+        self.stats.exports += out.len();
+        if out
+            .windows(2)
+            .any(|w| (w[0].dest, &w[0].profile) == (w[1].dest, &w[1].profile))
+        {
+            self.stats.same_key += 1;
+        }
         out
     }
 
@@ -734,7 +782,7 @@ impl<'a> Model<'a> {
                 old_index.insert(&profile.primary, q);
             }
         }
-        let mut has_successor = vec![false; old.len()];
+        let mut successors = vec![0usize; old.len()];
         let mut exports = Vec::new();
         let mut new_profiles = Vec::new();
         for frags in self.stitch(policy.private_graph) {
@@ -757,8 +805,9 @@ impl<'a> Model<'a> {
                 old_index.get(&primary).copied().into_iter().collect()
             };
             for &q in &preds {
-                has_successor[q] = true;
+                successors[q] += 1;
             }
+            self.stats.merges += usize::from(preds.len() > 1);
             // The epoch's events for this profile.
             let mine: Vec<&FragEvent> = frag_events
                 .iter()
@@ -797,6 +846,13 @@ impl<'a> Model<'a> {
                     prev.map(|_| St::Exited)
                 };
                 let is_changed = now != prev.map(|p| p.0);
+                if is_changed {
+                    match (prev.map(|p| p.0), now) {
+                        (Some(St::Exited), Some(St::Realized)) => self.stats.rerealized += 1,
+                        (_, Some(St::Realized)) => self.stats.realized += 1,
+                        _ => self.stats.exited += 1,
+                    }
+                }
                 if let Some(now) = now {
                     let lqt = if is_changed {
                         newest.unwrap_or_else(|| {
@@ -828,6 +884,10 @@ impl<'a> Model<'a> {
                     .any(|a| matches!(status.get(a), Some((St::Realized, _))));
                 let wrote = touched.iter().any(|m| d.attributes.contains(m));
                 if status_changed || (realized_mapped && (identity_changed || wrote)) {
+                    if !status_changed {
+                        self.stats.identity_only += usize::from(identity_changed && !wrote);
+                        self.stats.attribute_only += usize::from(!identity_changed && wrote);
+                    }
                     exports.push(Export {
                         dest: di,
                         profile: name.clone(),
@@ -853,7 +913,8 @@ impl<'a> Model<'a> {
 
         // Tombstones: profiles of the previous epoch that no current profile continues.
         for (q, gone) in old.iter().enumerate() {
-            if has_successor[q] {
+            if successors[q] > 0 {
+                self.stats.splits += usize::from(successors[q] > 1);
                 continue;
             }
             let realized: Vec<usize> = gone
@@ -876,6 +937,7 @@ impl<'a> Model<'a> {
             let changed: BTreeSet<usize> = realized.iter().copied().collect();
             for (di, d) in setup.destinations.iter().enumerate() {
                 if realized.iter().any(|&a| d.mapping(a).is_some()) {
+                    self.stats.tombstones += 1;
                     exports.push(Export {
                         dest: di,
                         profile: gone.identities.first().expect("identity").display(),
@@ -960,7 +1022,7 @@ struct Expected {
     epochs: Vec<(usize, usize, Vec<Export>)>,
 }
 
-fn expected(setup: &Setup, lines: &[Line], batch: usize) -> Expected {
+fn expected(setup: &Setup, lines: &[Line], batch: usize) -> (Expected, Stats) {
     let mut model = Model::new(setup);
     let mut epochs = Vec::new();
     let mut batch_events = Vec::new();
@@ -988,7 +1050,7 @@ fn expected(setup: &Setup, lines: &[Line], batch: usize) -> Expected {
     if !batch_events.is_empty() {
         epochs.push((first_line, lines.len(), model.epoch(&batch_events)));
     }
-    Expected { epochs }
+    (Expected { epochs }, model.stats)
 }
 
 struct Files {
@@ -1169,27 +1231,31 @@ fn compare(expected: &Expected, actual: &[Export], lines: &[Line]) -> Result<(),
     Ok(())
 }
 
-/// Replays `lines` with (workers, batch); `Err` with a report when the output differs.
-fn check(setup: &Setup, lines: &[Line], workers: usize, batch: usize) -> Result<usize, String> {
+/// Runs the binary on `lines` and compares with `want`; `Err` with a report when they differ.
+fn check(
+    setup: &Setup,
+    lines: &[Line],
+    want: &Expected,
+    workers: usize,
+    batch: usize,
+) -> Result<usize, String> {
     let files = write_files(setup, lines);
     if let Some(dir) = std::env::var_os("MODEL_DUMP") {
-        let stem = format!("b{batch}_n{}", lines.len());
-        std::fs::copy(&files.config, Path::new(&dir).join("config.json")).expect("dump");
-        std::fs::copy(&files.events, Path::new(&dir).join(format!("{stem}.ndjson"))).expect("dump");
+        let dir = Path::new(&dir);
+        std::fs::copy(&files.config, dir.join("config.json")).expect("dump config");
+        let name = format!("events_b{batch}_n{}.ndjson", lines.len());
+        std::fs::copy(&files.events, dir.join(name)).expect("dump events");
     }
-    let t = Instant::now();
-    let want = expected(setup, lines, batch);
-    let model_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
     let got = run_binary(&files.config, &files.events, workers, batch);
-    if std::env::var_os("MODEL_TIMING").is_some() {
-        eprintln!("  model {model_s:.1}s, binary {:.1}s", t.elapsed().as_secs_f64());
-    }
-    compare(&want, &got, lines).map(|()| got.len())
+    compare(want, &got, lines).map(|()| got.len())
 }
 
-/// Delta-debugging: a smallest-ish sub-history that still fails.
+/// Delta debugging: a small sub-history that still fails.
 fn shrink(setup: &Setup, mut lines: Vec<Line>, workers: usize, batch: usize) -> Vec<Line> {
+    let fails = |lines: &[Line]| {
+        let (want, _) = expected(setup, lines, batch);
+        check(setup, lines, &want, workers, batch).is_err()
+    };
     lines.retain(|l| l.ts.is_some());
     let mut chunk = lines.len() / 2;
     while chunk >= 1 {
@@ -1198,7 +1264,7 @@ fn shrink(setup: &Setup, mut lines: Vec<Line>, workers: usize, batch: usize) -> 
         while start < lines.len() {
             let mut candidate = lines.clone();
             candidate.drain(start..(start + chunk).min(lines.len()));
-            if !candidate.is_empty() && check(setup, &candidate, workers, batch).is_err() {
+            if !candidate.is_empty() && fails(&candidate) {
                 lines = candidate;
                 progressed = true;
             } else {
@@ -1212,6 +1278,25 @@ fn shrink(setup: &Setup, mut lines: Vec<Line>, workers: usize, batch: usize) -> 
     lines
 }
 
+/// Writes a failing history, shrunk, to `tests/data/repro_<stem>.{ndjson,config.json}`.
+fn save_repro(setup: &Setup, lines: &[Line], workers: usize, batch: usize, stem: &str) {
+    let small = shrink(setup, lines.to_vec(), workers, batch);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    std::fs::create_dir_all(&dir).expect("tests/data");
+    let text: String = small.iter().map(|l| format!("{}\n", l.text)).collect();
+    std::fs::write(dir.join(format!("repro_{stem}.ndjson")), text).expect("write repro");
+    let config = serde_json::to_string_pretty(&config_json(setup)).expect("json");
+    std::fs::write(dir.join(format!("repro_{stem}.config.json")), config)
+        .expect("write repro config");
+    let (want, _) = expected(setup, &small, batch);
+    let report = check(setup, &small, &want, workers, batch).expect_err("the shrunk history fails");
+    eprintln!(
+        "shrunk to {} events: tests/data/repro_{stem}.ndjson (--workers {workers} --batch {batch})\n{report}",
+        small.len()
+    );
+}
+
+/// Extra seeds from `MODEL_SEEDS` (comma-separated); the default runs seed 0.
 fn seeds() -> Vec<u64> {
     match std::env::var("MODEL_SEEDS") {
         Ok(s) => s
@@ -1222,57 +1307,77 @@ fn seeds() -> Vec<u64> {
                     .expect("MODEL_SEEDS: comma-separated integers")
             })
             .collect(),
-        Err(_) => vec![1, 2],
+        Err(_) => vec![0],
     }
+}
+
+/// One generated history and the `(workers, batch)` replays of it.
+struct Plan {
+    seed: u64,
+    events: usize,
+    people: usize,
+    runs: &'static [(usize, usize)],
 }
 
 #[test]
 fn replay_matches_the_reference_model() {
     let setup = setup();
-    // (events, people, runs as (workers, batch)): small histories one event an epoch (every
-    // event's own export), large ones in batches (collapsing, state compared between epochs).
-    let plans: [(usize, usize, &[(usize, usize)]); 2] = [
-        (600, 40, &[(1, 1), (2, 1)]),
-        (3000, 200, &[(1, 50), (2, 50), (2, 7)]),
+    // Sized for a debug build (the binary does roughly 20 epochs/s at batch 1 and slows as the
+    // state grows): small dense histories one event an epoch, so that every event's own
+    // export is checked; larger ones in batches, so that several events collapse into one
+    // export and states compare between the ends of epochs; and one history as one epoch.
+    let plans = [
+        Plan {
+            seed: 1,
+            events: 250,
+            people: 20,
+            runs: &[(1, 1), (2, 1)],
+        },
+        Plan {
+            seed: 2,
+            events: 1500,
+            people: 100,
+            runs: &[(1, 50), (2, 50), (2, 1500)],
+        },
+        Plan {
+            seed: 3,
+            events: 500,
+            people: 40,
+            runs: &[(2, 7)],
+        },
     ];
+    let started = Instant::now();
     let mut failures = Vec::new();
-    for seed in seeds() {
-        for &(events, people, runs) in &plans {
-            let lines = history(seed, events, people);
-            for &(workers, batch) in runs {
-                let started = Instant::now();
-                let result = check(&setup, &lines, workers, batch);
-                let took = started.elapsed().as_secs_f64();
+    let mut total = Stats::default();
+    for extra in seeds() {
+        for plan in &plans {
+            let seed = plan.seed + 1000 * extra;
+            let lines = history(seed, plan.events, plan.people);
+            let mut models: BTreeMap<usize, Expected> = BTreeMap::new();
+            for &(workers, batch) in plan.runs {
+                let t = Instant::now();
+                let want = models.entry(batch).or_insert_with(|| {
+                    let (want, stats) = expected(&setup, &lines, batch);
+                    eprintln!(
+                        "seed {seed}, {} events, {} people, batch {batch}: {stats:?}",
+                        plan.events, plan.people
+                    );
+                    total.add(&stats);
+                    want
+                });
+                let result = check(&setup, &lines, want, workers, batch);
+                let took = t.elapsed().as_secs_f64();
                 match result {
                     Ok(n) => eprintln!(
-                        "seed {seed}: {events} events, {people} people, --workers {workers} \
-                         --batch {batch}: {n} exports match ({took:.1}s)"
+                        "  --workers {workers} --batch {batch}: {n} exports match ({took:.1}s)"
                     ),
                     Err(report) => {
                         eprintln!(
-                            "seed {seed}: {events} events, --workers {workers} --batch {batch}: \
-                             MISMATCH ({took:.1}s)\n{report}"
+                            "  --workers {workers} --batch {batch}: MISMATCH ({took:.1}s)\n{report}"
                         );
                         if std::env::var_os("MODEL_SHRINK").is_some() {
-                            let small = shrink(&setup, lines.clone(), workers, batch);
-                            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-                            std::fs::create_dir_all(&dir).expect("tests/data");
-                            let stem = format!("repro_seed{seed}_w{workers}_b{batch}");
-                            let text: String =
-                                small.iter().map(|l| format!("{}\n", l.text)).collect();
-                            std::fs::write(dir.join(format!("{stem}.ndjson")), text)
-                                .expect("write repro");
-                            std::fs::write(
-                                dir.join(format!("{stem}.config.json")),
-                                serde_json::to_string_pretty(&config_json(&setup)).expect("json"),
-                            )
-                            .expect("write repro config");
-                            let report = check(&setup, &small, workers, batch)
-                                .expect_err("the shrunk history fails");
-                            eprintln!(
-                                "shrunk to {} events: tests/data/{stem}.ndjson\n{report}",
-                                small.len()
-                            );
+                            let stem = format!("seed{seed}_w{workers}_b{batch}");
+                            save_repro(&setup, &lines, workers, batch, &stem);
                         }
                         failures.push(format!("seed {seed} --workers {workers} --batch {batch}"));
                     }
@@ -1280,8 +1385,29 @@ fn replay_matches_the_reference_model() {
             }
         }
     }
+    eprintln!(
+        "total {:.1}s; coverage {total:?}",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         failures.is_empty(),
-        "mismatches: {failures:?} (reports above)"
+        "mismatches: {failures:?} (reports above; MODEL_SHRINK=1 minimises them)"
     );
+    // The generator must keep exercising what the model is for.
+    for (what, n) in [
+        ("merges", total.merges),
+        ("splits", total.splits),
+        ("tombstones", total.tombstones),
+        ("realized", total.realized),
+        ("exited", total.exited),
+        ("re-realized", total.rerealized),
+        ("identity-only exports", total.identity_only),
+        ("attribute-only exports", total.attribute_only),
+        (
+            "same (destination, profile) twice in an epoch",
+            total.same_key,
+        ),
+    ] {
+        assert!(n > 0, "the histories no longer produce any {what}");
+    }
 }

@@ -163,7 +163,10 @@ pub fn build<'s>(
         let identity_profile = members
             .clone()
             .flat_map(|(profile, f): (ProfileKey, Arc<Fragment>)| {
-                f.identities.iter().map(move |i| (i.key(), profile)).collect::<Vec<_>>()
+                f.identities
+                    .iter()
+                    .map(move |i| (i.key(), profile))
+                    .collect::<Vec<_>>()
             })
             .distinct();
         let audience_policy = {
@@ -259,9 +262,10 @@ pub fn build<'s>(
         let plan = plan.clone();
         move |((policy, profile), identities): (PolicyProfile, Vec<IdKey>)| {
             let keys: Vec<_> = match plan.policies[policy as usize].stitching {
-                Stitching::PrivateGraph => {
-                    identities.into_iter().map(|i| ((policy, i), profile)).collect()
-                }
+                Stitching::PrivateGraph => identities
+                    .into_iter()
+                    .map(|i| ((policy, i), profile))
+                    .collect(),
                 Stitching::None => vec![((policy, profile), profile)],
             };
             keys
@@ -269,11 +273,21 @@ pub fn build<'s>(
     };
     let now_links = views
         .clone()
-        .map(|(key, v)| (key, v.identities.iter().map(Identity::key).collect::<Vec<_>>()))
+        .map(|(key, v)| {
+            (
+                key,
+                v.identities.iter().map(Identity::key).collect::<Vec<_>>(),
+            )
+        })
         .flat_map(link_keys.clone());
     let before_links = previous
         .clone()
-        .map(|(key, r)| (key, r.identities.iter().map(Identity::key).collect::<Vec<_>>()))
+        .map(|(key, r)| {
+            (
+                key,
+                r.identities.iter().map(Identity::key).collect::<Vec<_>>(),
+            )
+        })
         .flat_map(link_keys);
     let predecessors = now_links
         .join_map(before_links, |(policy, _), profile, before| {

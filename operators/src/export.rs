@@ -7,7 +7,8 @@
 //! `realized` in a mapped audience) decide *whether*, the toggles decide the fields.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use std::io::Write;
+
 
 use crate::input::{Identity, stable_hash};
 use crate::leaf::{Leaf, nest, path_selects};
@@ -133,7 +134,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
         return None;
     }
 
-    let mut payload = nest(
+    let attributes = nest(
         candidate
             .leaves
             .iter()
@@ -141,7 +142,21 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
             .map(|(p, l)| (p.as_str(), l)),
     );
 
-    let mut ups = Map::new();
+    // Written straight into the buffer: this runs for every export, and building a
+    // `serde_json::Value` tree first cost more than the rest of the encoding.
+    let mut out: Vec<u8> = Vec::with_capacity(256 + 160 * candidate.memberships.len());
+    out.push(b'{');
+    for (key, value) in &attributes {
+        if key == "segmentMembership" || key == "identityMap" {
+            continue; // reserved for the payload's own fields
+        }
+        write_json(&mut out, key);
+        out.push(b':');
+        write_json(&mut out, value);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"segmentMembership\":{\"ups\":{");
+    let mut first = true;
     for m in &candidate.memberships {
         let mapping = mapped(m.audience);
         let changed = candidate.changed.binary_search(&m.audience).is_ok();
@@ -149,34 +164,55 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
             continue;
         }
         let audience = &plan.audiences[m.audience as usize];
-        let mut entry = Map::new();
-        entry.insert("lastQualificationTime".into(), json!(format_time(m.since)));
-        entry.insert("status".into(), json!(m.status.as_str()));
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_json(&mut out, &audience.id);
+        let _ = write!(
+            out,
+            ":{{\"lastQualificationTime\":\"{}\",\"status\":\"{}\"",
+            format_time(m.since),
+            m.status.as_str()
+        );
         if destination.include_segment_timestamps {
-            entry.insert("createdAt".into(), json!(audience.created_at));
-            entry.insert("updatedAt".into(), json!(audience.updated_at));
+            let _ = write!(out, ",\"createdAt\":{},\"updatedAt\":{}", audience.created_at, audience.updated_at);
             if let Some(mapping) = mapping {
-                entry.insert("mappingCreatedAt".into(), json!(mapping.created_at));
-                entry.insert("mappingUpdatedAt".into(), json!(mapping.updated_at));
+                let _ = write!(
+                    out,
+                    ",\"mappingCreatedAt\":{},\"mappingUpdatedAt\":{}",
+                    mapping.created_at, mapping.updated_at
+                );
             }
         }
         if destination.include_segment_names && mapping.is_some() {
-            entry.insert("name".into(), json!(audience.name));
+            out.extend_from_slice(b",\"name\":");
+            write_json(&mut out, &audience.name);
         }
-        ups.insert(audience.id.clone(), Value::Object(entry));
+        out.push(b'}');
     }
-    payload.insert("segmentMembership".into(), json!({ "ups": ups }));
-
-    let mut identity_map = Map::new();
+    out.extend_from_slice(b"}},\"identityMap\":{");
+    // Identities are sorted by (namespace, id): each namespace is one run.
+    let mut namespace: Option<&str> = None;
     for identity in &candidate.identities {
-        let ids = identity_map
-            .entry(identity.namespace.clone())
-            .or_insert_with(|| Value::Array(Vec::new()));
-        if let Value::Array(ids) = ids {
-            ids.push(json!({ "id": identity.id }));
+        if namespace == Some(identity.namespace.as_str()) {
+            out.push(b',');
+        } else {
+            if namespace.is_some() {
+                out.extend_from_slice(b"],");
+            }
+            write_json(&mut out, &identity.namespace);
+            out.extend_from_slice(b":[");
+            namespace = Some(&identity.namespace);
         }
+        out.extend_from_slice(b"{\"id\":");
+        write_json(&mut out, &identity.id);
+        out.push(b'}');
     }
-    payload.insert("identityMap".into(), Value::Object(identity_map));
+    if namespace.is_some() {
+        out.push(b']');
+    }
+    out.extend_from_slice(b"}}");
 
     let profile = candidate.profile_name();
     let key = stable_hash(&(&destination.id, candidate.policy, &profile, candidate.seq));
@@ -184,8 +220,14 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
         destination: dest,
         profile,
         idempotency_key: format!("{key:016x}-{:x}", candidate.seq),
-        payload: Value::Object(payload).to_string(),
+        // Only JSON text was written, and JSON text is UTF-8.
+        payload: String::from_utf8(out).unwrap_or_default(),
     })
+}
+
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Writing into a Vec cannot fail, and these values always serialize.
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ pub fn profiles_of<'s>(
     fragments: Arranged<'s, TraceAgent<ValSpine<FragKey, Arc<Fragment>, Epoch, isize>>>,
 ) -> VecCollection<'s, Epoch, (FragKey, ProfileKey), isize> {
     match kind {
-        Stitching::None => fragments.as_collection(|key, f: &Arc<Fragment>| (*key, f.primary.key())),
+        Stitching::None => {
+            fragments.as_collection(|key, f: &Arc<Fragment>| (*key, f.primary.key()))
+        }
         Stitching::PrivateGraph => {
             let edges = fragments.flat_map_ref(|key, f: &Arc<Fragment>| {
                 f.identities
