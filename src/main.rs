@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use streamdest::config::Config;
-use streamdest::pipeline::Cluster;
 use streamdest::egress::{self, Egress, EgressOptions};
+use streamdest::pipeline::Cluster;
 use streamdest::replay::{Deliver, DryRun, ReplayOptions, Source, replay};
 use streamdest::storage::deadletter::DeadLetterStore;
 
@@ -115,7 +115,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn now_ms() -> i64 {
@@ -147,22 +150,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DeadLetters { action } => {
             let (data_dir, destination, redrive) = match action {
-                DeadLetterAction::List { data_dir, destination } => (data_dir, destination, false),
-                DeadLetterAction::Redrive { data_dir, destination } => (data_dir, destination, true),
+                DeadLetterAction::List {
+                    data_dir,
+                    destination,
+                } => (data_dir, destination, false),
+                DeadLetterAction::Redrive {
+                    data_dir,
+                    destination,
+                } => (data_dir, destination, true),
             };
             if !redrive {
-                let store = DeadLetterStore::open_read_only(&data_dir)
-                    .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
+                let store = DeadLetterStore::open_read_only(&data_dir).with_context(|| {
+                    format!("opening the dead-letter store in {}", data_dir.display())
+                })?;
                 for line in egress::list_json_lines(&store, destination.as_deref()) {
                     println!("{line}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let store = DeadLetterStore::open(&data_dir)
-                .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
-            let report = runtime()?.block_on(egress::redrive(Arc::new(store), destination.as_deref()));
-            eprintln!("redrive: {} delivered, {} failed again", report.succeeded, report.failed);
-            Ok(if report.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            let store = DeadLetterStore::open(&data_dir).with_context(|| {
+                format!("opening the dead-letter store in {}", data_dir.display())
+            })?;
+            let report =
+                runtime()?.block_on(egress::redrive(Arc::new(store), destination.as_deref()));
+            eprintln!(
+                "redrive: {} delivered, {} failed again",
+                report.succeeded, report.failed
+            );
+            Ok(if report.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Replay {
             config,
@@ -182,7 +201,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cluster: cluster.cluster(),
             };
             let summary = if dry_run {
-                let (summary, _) = replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
+                let (summary, _) =
+                    replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
                 eprintln!(
                     "replay: {} events in {} epochs, {} exports, {:.2}s ({:.0} events/s)",
                     summary.events,
@@ -194,13 +214,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 summary
             } else {
                 let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-                let store = DeadLetterStore::open(&data_dir)
-                    .with_context(|| format!("opening the dead-letter store in {}", data_dir.display()))?;
+                let store = DeadLetterStore::open(&data_dir).with_context(|| {
+                    format!("opening the dead-letter store in {}", data_dir.display())
+                })?;
                 let rt = runtime()?;
                 let egress = {
                     let _guard = rt.enter();
-                    Egress::new(config.destinations.clone(), Some(Arc::new(store)), EgressOptions::default())
-                        .context("starting the egress")?
+                    Egress::new(
+                        config.destinations.clone(),
+                        Some(Arc::new(store)),
+                        EgressOptions::default(),
+                    )
+                    .context("starting the egress")?
                 };
                 let handler = Deliver::new(plan.clone(), egress.clone());
                 let (summary, _) = replay(plan, &options, handler).context("replay")?;

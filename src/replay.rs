@@ -199,10 +199,10 @@ pub fn feed<H: ExportHandler>(
             }
         }
     }
-    if builder.events() > 0 {
-        if let Err(e) = pipeline.push(builder.finish()) {
-            failure = Some(e);
-        }
+    if builder.events() > 0
+        && let Err(e) = pipeline.push(builder.finish())
+    {
+        failure = Some(e);
     }
     summary.epochs = pipeline.next_epoch();
     pipeline.finish()?;

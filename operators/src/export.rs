@@ -9,7 +9,6 @@
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
-
 use crate::input::{Identity, stable_hash};
 use crate::leaf::{Leaf, nest, path_selects};
 use crate::plan::{AudienceIdx, DestinationIdx, Plan, PolicyIdx};
@@ -176,7 +175,11 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
             m.status.as_str()
         );
         if destination.include_segment_timestamps {
-            let _ = write!(out, ",\"createdAt\":{},\"updatedAt\":{}", audience.created_at, audience.updated_at);
+            let _ = write!(
+                out,
+                ",\"createdAt\":{},\"updatedAt\":{}",
+                audience.created_at, audience.updated_at
+            );
             if let Some(mapping) = mapping {
                 let _ = write!(
                     out,

@@ -18,10 +18,14 @@ use differential_dataflow::trace::implementations::ValSpine;
 use crate::input::{Epoch, FragKey, Fragment, ProfileKey};
 use crate::plan::Stitching;
 
+/// The fragments, arranged by key (the upsert arrangement).
+pub type ArrangedFragments<'s> =
+    Arranged<'s, TraceAgent<ValSpine<FragKey, Arc<Fragment>, Epoch, isize>>>;
+
 /// The `(fragment, profile)` pairs under `kind`.
 pub fn profiles_of<'s>(
     kind: Stitching,
-    fragments: Arranged<'s, TraceAgent<ValSpine<FragKey, Arc<Fragment>, Epoch, isize>>>,
+    fragments: ArrangedFragments<'s>,
 ) -> VecCollection<'s, Epoch, (FragKey, ProfileKey), isize> {
     match kind {
         Stitching::None => {
