@@ -1183,7 +1183,7 @@ impl Config {
             policies,
             audiences,
             destinations,
-            mapped_paths: Vec::new(),
+            ..Plan::default()
         }
         .finish()
     }

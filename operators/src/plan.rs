@@ -83,6 +83,8 @@ pub struct Plan {
     /// The union of every destination's mapped paths; a fragment's "touched" set is kept as
     /// indices into this list.
     pub mapped_paths: Vec<String>,
+    /// Per policy: every attribute path its rule audiences read (derived by `finish`).
+    pub rule_paths: Vec<Vec<String>>,
 }
 
 impl Plan {
@@ -96,6 +98,23 @@ impl Plan {
         paths.sort();
         paths.dedup();
         self.mapped_paths = paths;
+        self.rule_paths = (0..self.policies.len())
+            .map(|p| {
+                let mut paths: Vec<String> = self
+                    .audiences
+                    .iter()
+                    .filter(|a| a.policy as usize == p)
+                    .filter_map(|a| match &a.kind {
+                        AudienceKind::Rule(rule) => Some(rule.paths()),
+                        AudienceKind::Upload => None,
+                    })
+                    .flatten()
+                    .collect();
+                paths.sort();
+                paths.dedup();
+                paths
+            })
+            .collect();
         self
     }
 

@@ -55,14 +55,7 @@ pub fn assemble<'a>(
     identities.dedup();
 
     let audiences: Vec<_> = plan.audiences_of(policy).collect();
-    let rule_paths: Vec<String> = audiences
-        .iter()
-        .filter_map(|(_, a)| match &a.kind {
-            AudienceKind::Rule(rule) => Some(rule.paths()),
-            AudienceKind::Upload => None,
-        })
-        .flatten()
-        .collect();
+    let rule_paths = &plan.rule_paths[policy as usize];
     let is_mapped = |p: &str| plan.mapped_paths.iter().any(|m| path_selects(m, p));
     let merged = merge(&plan.policies[policy as usize].merge, fragments, |p| {
         is_mapped(p) || rule_paths.iter().any(|r| path_selects(r, p))
