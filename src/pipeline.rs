@@ -101,9 +101,12 @@ impl Pipeline {
         let mut timely_config = timely::Config::from_args(args.into_iter())
             .map_err(|e| anyhow!("timely options: {e}"))?;
         timely_config.worker = WorkerConfig::default();
+        // No idle merge effort: with ~40 arrangements and small epochs most of them are idle in
+        // any one epoch, and 1,000 units of merging each per activation cost 3.5x the event
+        // rate at batch 1 (BENCHMARKS.md). Merging stays proportional to incoming updates.
         differential_dataflow::configure(
             &mut timely_config.worker,
-            &differential_dataflow::Config::default().idle_merge_effort(Some(1_000)),
+            &differential_dataflow::Config::default().idle_merge_effort(None),
         );
 
         let (completed_tx, completed_rx) = crossbeam_channel::unbounded::<Completed>();
