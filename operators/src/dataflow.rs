@@ -5,14 +5,18 @@
 //!                                              │                                       │
 //! upload upserts ──arrange_from_upsert──► uploads ─► (profile, audience) ─┐            │
 //!                                                                          ▼            ▼
-//!                                                        assembly reduce: (policy, profile) → View
+//!                                              members: (policy, profile) → fragments, uploads
 //!                                                                          │
 //! event marks (transient) ─► routed to profiles ─┐                         ▼
 //!                                                 └──► status reduce ◄── predecessors ◄── records (t-1)
+//!                                                   (assemble + status)          ▲
 //!                                                          │   └── records ──delay 1 epoch──┘
 //!                                                          ▼
 //!                                                     candidates (+ tombstones) ─► sink
 //! ```
+//!
+//! The status reduce assembles each touched profile's view (merge, audiences) and decides its
+//! status in one step, so no view is ever arranged.
 //!
 //! Time is the epoch. Every collection but the event marks is *state*; the marks are inserted at
 //! their epoch and retracted at the next, so at each epoch they accumulate to exactly that
@@ -35,7 +39,7 @@ use timely::dataflow::operators::core::input::{Handle, Input as _};
 use crate::export::Candidate;
 use crate::input::{Epoch, EpochInput, EventMark, FragKey, Fragment, IdKey, Identity, ProfileKey};
 use crate::plan::{AudienceIdx, Plan, PolicyIdx, Stitching};
-use crate::profile::{Member, View, assemble};
+use crate::profile::Member;
 use crate::status::{Outcome, Part, StatusRecord, step, tombstone};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
@@ -142,7 +146,8 @@ pub fn build<'s>(
         });
     let fragment_marks = fragment_marks.concat(removed_marks);
 
-    let mut views = Vec::new();
+    let mut members_all = Vec::new();
+    let mut links_now = Vec::new();
     let mut marks_now = Vec::new();
     let mut marks_before = Vec::new();
     for kind in plan.stitchings() {
@@ -192,24 +197,36 @@ pub fn build<'s>(
                 .distinct()
         };
 
-        let plan_a = plan.clone();
-        let policies_a = policies.clone();
-        let kind_views = members
-            .map(|(profile, f)| (profile, Member::Fragment(f)))
-            .concat(uploaded)
-            .reduce_named("Assemble", move |_profile, members, out| {
-                for &policy in policies_a.iter() {
-                    out.push((
-                        (
-                            policy,
-                            Arc::new(assemble(&plan_a, policy, members.iter().map(|(m, _)| *m))),
-                        ),
-                        1,
-                    ));
-                }
-            })
-            .map(|(profile, (policy, view))| ((policy, profile), view));
-        views.push(kind_views);
+        // Each profile's members, once per policy of this stitching: the status reduce
+        // assembles the view where it also decides the status, so no view is arranged.
+        let policies_m = policies.clone();
+        let audience_policy_m = audience_policy.clone();
+        members_all.push(
+            members
+                .flat_map(move |(profile, f)| {
+                    policies_m
+                        .iter()
+                        .map(|&p| ((p, profile), Part::Member(Member::Fragment(f.clone()))))
+                        .collect::<Vec<_>>()
+                })
+                .concat(uploaded.map(move |(profile, member)| {
+                    let policy = match &member {
+                        Member::Upload(a) => audience_policy_m(*a),
+                        Member::Fragment(_) => 0,
+                    };
+                    ((policy, profile), Part::Member(member))
+                })),
+        );
+        // Link keys of the current profiles: identity keys (`privateGraph`) or the profile key
+        // itself (`none`, whose key is the primary identity's).
+        let policies_l = policies.clone();
+        links_now.push(identity_profile.clone().flat_map(move |(identity, profile)| {
+            policies_l
+                .iter()
+                .filter(|_| kind == Stitching::PrivateGraph || identity == profile)
+                .map(|&p| ((p, identity), profile))
+                .collect::<Vec<_>>()
+        }));
 
         // Route the epoch's events to the profiles they are for: the fragment's profile after
         // the epoch, and (through predecessors, below) its profile before.
@@ -248,7 +265,8 @@ pub fn build<'s>(
                 }),
         );
     }
-    let views = differential_dataflow::collection::concatenate(scope, views);
+    let members = differential_dataflow::collection::concatenate(scope, members_all);
+    let now_links = differential_dataflow::collection::concatenate(scope, links_now);
     let marks_now = differential_dataflow::collection::concatenate(scope, marks_now);
     let marks_before = differential_dataflow::collection::concatenate(scope, marks_before);
 
@@ -271,15 +289,6 @@ pub fn build<'s>(
             keys
         }
     };
-    let now_links = views
-        .clone()
-        .map(|(key, v)| {
-            (
-                key,
-                v.identities.iter().map(Identity::key).collect::<Vec<_>>(),
-            )
-        })
-        .flat_map(link_keys.clone());
     let before_links = previous
         .clone()
         .map(|(key, r)| {
@@ -308,8 +317,7 @@ pub fn build<'s>(
         });
 
     let plan_s = plan.clone();
-    let outcomes = views
-        .map(|(key, v)| (key, Part::View(v)))
+    let outcomes = members
         .concat(predecessor_parts)
         .concat(
             marks_now
@@ -349,7 +357,7 @@ pub fn build<'s>(
                     match part {
                         Part::Predecessor(_, r) => record = Some(r),
                         Part::Mark(m) => marks.push(m),
-                        Part::View(_) => {}
+                        Part::Member(_) => {}
                     }
                 }
                 if let Some(candidate) = record.and_then(|r| tombstone(policy, r, &marks)) {
@@ -373,6 +381,3 @@ pub fn build<'s>(
     };
     (inputs, candidates)
 }
-
-/// Convenience for tests: the view type is public for inspection.
-pub type ViewRecord = (PolicyProfile, View);

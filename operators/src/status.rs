@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::export::{Candidate, Membership, Status};
 use crate::input::{EventMark, Identity};
 use crate::plan::{AudienceIdx, Plan, PolicyIdx};
-use crate::profile::View;
+use crate::profile::{Member, assemble};
 
 /// What the next epoch needs to know of a profile: its identities and memberships.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -29,7 +29,8 @@ pub struct StatusRecord {
 /// One value of a profile's group in the status `reduce`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Part {
-    View(Arc<View>),
+    /// A fragment or upload membership of the profile now.
+    Member(Member),
     /// A predecessor's record from the previous epoch, tagged with its key.
     Predecessor(u64, Arc<StatusRecord>),
     Mark(EventMark),
@@ -71,17 +72,20 @@ fn union_touched<'a>(marks: impl Iterator<Item = &'a EventMark>) -> Vec<u16> {
 /// The status step of one live profile: its record for this epoch and, if anything that can
 /// trigger an export happened, its candidate.
 pub fn step(plan: &Plan, policy: PolicyIdx, parts: &[&Part], out: &mut Vec<Outcome>) {
-    let mut view = None;
+    let mut members = Vec::new();
     let mut predecessors = Vec::new();
     let mut marks = Vec::new();
     for part in parts {
         match part {
-            Part::View(v) => view = Some(v),
+            Part::Member(m) => members.push(m),
             Part::Predecessor(_, r) => predecessors.push(&**r),
             Part::Mark(m) => marks.push(m),
         }
     }
-    let Some(view) = view else { return };
+    if members.iter().all(|m| matches!(m, Member::Upload(_))) {
+        return; // no fragment: no profile (an upload alone makes none)
+    }
+    let view = assemble(plan, policy, members.iter().copied());
 
     let prev = inherited(predecessors.iter().copied());
     let newest_ts = marks.iter().map(|m| m.ts).max();
