@@ -220,13 +220,17 @@ pub fn build<'s>(
         // Link keys of the current profiles: identity keys (`privateGraph`) or the profile key
         // itself (`none`, whose key is the primary identity's).
         let policies_l = policies.clone();
-        links_now.push(identity_profile.clone().flat_map(move |(identity, profile)| {
-            policies_l
-                .iter()
-                .filter(|_| kind == Stitching::PrivateGraph || identity == profile)
-                .map(|&p| ((p, identity), profile))
-                .collect::<Vec<_>>()
-        }));
+        links_now.push(
+            identity_profile
+                .clone()
+                .flat_map(move |(identity, profile)| {
+                    policies_l
+                        .iter()
+                        .filter(|_| kind == Stitching::PrivateGraph || identity == profile)
+                        .map(|&p| ((p, identity), profile))
+                        .collect::<Vec<_>>()
+                }),
+        );
 
         // Route the epoch's events to the profiles they are for: the fragment's profile after
         // the epoch, and (through predecessors, below) its profile before.
