@@ -4,10 +4,13 @@
 //! lines → dataflow updates), the dataflow itself (the `streamdest-operators` crate),
 //! `egress` (exports → HTTP requests, retries, dead letters) and the command line in `main.rs`.
 
+pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod egress;
 pub mod events;
 pub mod pipeline;
+pub mod receiver;
 pub mod replay;
 pub mod secret;
 pub mod storage;

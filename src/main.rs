@@ -49,6 +49,10 @@ impl ClusterArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the whole pipeline against a local endpoint at a fixed offered rate.
+    Bench(streamdest::bench::BenchArgs),
+    /// A live demo on loopback: synthetic profiles, the pipeline, a local endpoint.
+    Demo(streamdest::demo::DemoArgs),
     /// Push a history of events through the dataflow and deliver every export.
     Replay {
         #[arg(long)]
@@ -143,6 +147,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Bench(args) => {
+            streamdest::bench::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            streamdest::demo::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { config } => {
             let config = load_config(&config)?;
             println!("{}", serde_json::to_string_pretty(&config.redacted_json())?);
