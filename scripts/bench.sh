@@ -112,9 +112,21 @@ LUA
     done
     kill "$serve_pid" 2>/dev/null || true
     wait "$serve_pid" 2>/dev/null || true
+    printf '%s' "$wrk_rows" >"$RESULTS/wrk.rows"
+    printf '%s\n' "${commands[@]}" >"$RESULTS/wrk.commands"
+elif [ -n "$NO_RUN" ] && [ -f "$RESULTS/wrk.rows" ]; then
+    # REPORT_ONLY: the ceiling measured by the last full run.
+    wrk_rows=$(cat "$RESULTS/wrk.rows")$'\n'
+    mapfile -t commands <"$RESULTS/wrk.commands"
 fi
 
 loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?")
+if [ -z "$NO_RUN" ]; then
+    declare -p started loadavg_start loadavg_end commit dirty >"$RESULTS/run.meta"
+elif [ -f "$RESULTS/run.meta" ]; then
+    # shellcheck disable=SC1091
+    . "$RESULTS/run.meta"
+fi
 
 # ---- the markdown section --------------------------------------------------------------------
 section=$(mktemp)
@@ -122,7 +134,7 @@ section=$(mktemp)
     echo "<!-- bench.sh:start -->"
     echo "## End-to-end matrix (\`scripts/bench.sh\`)"
     echo
-    if [ -n "$NO_RUN" ]; then
+    if [ -n "$NO_RUN" ] && [ ! -f "$RESULTS/run.meta" ]; then
         started=$(jq -r '.date' "$(ls "$RESULTS"/matrix-*.json | head -1)")
         loadavg_start=$(jq -r '.machine.loadavg_start' "$(ls "$RESULTS"/matrix-*.json | head -1)")
         loadavg_end=$(jq -r '.machine.loadavg_end' "$(ls "$RESULTS"/matrix-*.json | tail -1)")

@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// Synthetic profiles.
     #[arg(long, default_value_t = 20_000)]
     pub profiles: u64,
+    /// Seconds at the same rate before the figures start (right after the load, the dataflow
+    /// is still merging the load's batches and the first epochs are slow).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
     /// Offered update events per second.
     #[arg(long, default_value_t = 2_000.0)]
     pub rate: f64,
@@ -41,6 +45,9 @@ pub struct DemoArgs {
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 86_400.0) {
         bail!("--seconds must be a positive number (at most a day)");
+    }
+    if !(args.warmup.is_finite() && (0.0..=3600.0).contains(&args.warmup)) {
+        bail!("--warmup must be between 0 and 3600 seconds");
     }
     if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 1_000_000.0) {
         bail!("--rate must be a positive number of events per second (at most 1M)");
@@ -80,31 +87,41 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     let load = engine.load(|_, _, _| {})?;
     eprintln!(
-        "loaded in {:.1} s ({:.0} events/s). Now {:.0} update events/s for {} s; half of them \
-         touch a mapped attribute or an audience's rule:",
-        load.seconds, load.events_per_s, args.rate, args.seconds
+        "loaded in {:.1} s ({:.0} events/s). Now {:.0} update events/s: {} s of warm-up, then {} s \
+         measured; half of the events touch a mapped attribute or an audience's rule:",
+        load.seconds, load.events_per_s, args.rate, args.warmup, args.seconds
     );
 
     let mut last_line = Duration::ZERO;
     let seconds = args.seconds;
+    let warmup = Duration::from_secs_f64(args.warmup);
     let report = engine.run_phase(
         &PhaseSpec {
             rate: args.rate,
-            warmup: Duration::ZERO,
+            warmup,
             duration: Duration::from_secs_f64(seconds),
             abort_lag: Some(Duration::from_secs(60)),
             p99_bound_ms: 50.0,
         },
         |p: &Progress| {
-            let line = format!(
+            let line = if p.elapsed < warmup {
+                format!(
+                    "[warm-up {:>4.1} s] events in {:>8} │ exports delivered {:>8}",
+                    p.elapsed.as_secs_f64(),
+                    p.events_pushed,
+                    p.received
+                )
+            } else {
+                format!(
                 "[{:>5.1}/{seconds} s] events in {:>8} │ exports delivered {:>8} │ latency p50 {:>6.1} ms  p99 {:>6.1} ms │ backlog {}",
-                p.elapsed.as_secs_f64().min(seconds),
+                (p.elapsed - warmup).as_secs_f64().min(seconds),
                 p.events_pushed,
                 p.received,
                 p.latency.p50,
                 p.latency.p99,
                 p.backlog
-            );
+            )
+            };
             if terminal {
                 eprint!("\r{line}   ");
                 let _ = std::io::stderr().flush();
@@ -127,12 +144,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     writeln!(out, "── streamdest demo: summary ──")?;
     writeln!(
         out,
-        "events in:          {} in {} s ({:.0} events/s offered, {:.0} achieved)",
-        report.events_pushed, report.duration_s, report.rate_offered, report.achieved_events_per_s
+        "events in:          {} in {} s after {} s of warm-up ({:.0} events/s offered, {:.0} achieved)",
+        report.events_pushed,
+        report.duration_s,
+        report.warmup_s,
+        report.rate_offered,
+        report.achieved_events_per_s
     )?;
     writeln!(
         out,
-        "exports delivered:  {} of {} ({} dead-lettered, {} retried), {:.0} exports/s",
+        "exports delivered:  {} of {} ({} dead-lettered, {} retried; warm-up included), {:.0} exports/s",
         egress.delivered,
         egress.exports,
         egress.dead_lettered,
