@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use streamdest_operators::input::{EpochInput, EventMark, Fragment, Identity, fragment_key};
+use streamdest_operators::input::{
+    EpochInput, Fragment, FragmentWrite, Identity, Mark, UploadWrite, fragment_key,
+};
 use streamdest_operators::leaf::flatten;
 use streamdest_operators::plan::{AudienceIdx, AudienceKind, Plan};
 
@@ -310,13 +312,14 @@ impl Update {
     }
 }
 
-/// Collapses one epoch's updates into the dataflow's per-key inputs, split across workers.
+/// Collapses one epoch's updates into the dataflow's per-key inputs, split across workers: per
+/// fragment its last version and the mark of all its events; per uploaded `(audience,
+/// identity)` its final membership and the mark of all its events.
 #[derive(Debug)]
 pub struct EpochBuilder {
     peers: usize,
-    fragments: Vec<BTreeMap<u64, Option<Arc<Fragment>>>>,
-    uploads: Vec<BTreeMap<(AudienceIdx, u64), bool>>,
-    inputs: Vec<EpochInput>,
+    fragments: Vec<BTreeMap<u64, FragmentWrite>>,
+    uploads: Vec<BTreeMap<(AudienceIdx, u64), UploadWrite>>,
     events: usize,
 }
 
@@ -327,7 +330,6 @@ impl EpochBuilder {
             peers,
             fragments: vec![BTreeMap::new(); peers],
             uploads: vec![BTreeMap::new(); peers],
-            inputs: vec![EpochInput::default(); peers],
             events: 0,
         }
     }
@@ -341,19 +343,23 @@ impl EpochBuilder {
         (key % self.peers as u64) as usize
     }
 
+    fn write_fragment(&mut self, key: u64, value: Option<Arc<Fragment>>, mark: Mark) {
+        let w = self.worker(key);
+        self.fragments[w]
+            .entry(key)
+            .and_modify(|write| {
+                write.value = value.clone();
+                write.mark.absorb(&mark);
+            })
+            .or_insert(FragmentWrite { value, mark });
+    }
+
     pub fn add(&mut self, update: Update) {
         self.events += 1;
         match update {
             Update::Upsert(fragment) => {
-                let key = fragment.key();
-                let w = self.worker(key);
-                let mark = EventMark {
-                    ts: fragment.ts,
-                    seq: fragment.seq,
-                    mapped: fragment.mapped.clone(),
-                };
-                self.inputs[w].fragment_marks.push((key, mark));
-                self.fragments[w].insert(key, Some(fragment));
+                let mark = Mark::new(fragment.ts, fragment.seq, fragment.mapped.clone());
+                self.write_fragment(fragment.key(), Some(fragment), mark);
             }
             Update::Delete {
                 dataset,
@@ -361,17 +367,8 @@ impl EpochBuilder {
                 ts,
                 seq,
             } => {
-                let key = fragment_key(&dataset, &id);
-                let w = self.worker(key);
-                self.inputs[w].fragment_marks.push((
-                    key,
-                    EventMark {
-                        ts,
-                        seq,
-                        mapped: Vec::new(),
-                    },
-                ));
-                self.fragments[w].insert(key, None);
+                let mark = Mark::new(ts, seq, Vec::new());
+                self.write_fragment(fragment_key(&dataset, &id), None, mark);
             }
             Update::Upload {
                 audience,
@@ -384,15 +381,14 @@ impl EpochBuilder {
                     for identity in identities {
                         let key = (audience, identity.key());
                         let w = self.worker(key.1);
-                        self.inputs[w].upload_marks.push((
-                            key,
-                            EventMark {
-                                ts,
-                                seq,
-                                mapped: Vec::new(),
-                            },
-                        ));
-                        self.uploads[w].insert(key, member);
+                        let mark = Mark::new(ts, seq, Vec::new());
+                        self.uploads[w]
+                            .entry(key)
+                            .and_modify(|write| {
+                                write.member = member;
+                                write.mark.absorb(&mark);
+                            })
+                            .or_insert(UploadWrite { member, mark });
                     }
                 }
             }
@@ -402,12 +398,12 @@ impl EpochBuilder {
     /// The epoch's input for each worker (index = worker), leaving the builder empty.
     pub fn finish(&mut self) -> Vec<EpochInput> {
         self.events = 0;
-        let mut out = std::mem::replace(&mut self.inputs, vec![EpochInput::default(); self.peers]);
-        for (w, input) in out.iter_mut().enumerate() {
-            input.fragments = std::mem::take(&mut self.fragments[w]).into_iter().collect();
-            input.uploads = std::mem::take(&mut self.uploads[w]).into_iter().collect();
-        }
-        out
+        (0..self.peers)
+            .map(|w| EpochInput {
+                fragments: std::mem::take(&mut self.fragments[w]).into_iter().collect(),
+                uploads: std::mem::take(&mut self.uploads[w]).into_iter().collect(),
+            })
+            .collect()
     }
 }
 

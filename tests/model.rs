@@ -868,7 +868,12 @@ impl<'a> Model<'a> {
                 }
             }
 
-            let name = identities.first().expect("identity").display();
+            // SPEC §5: the smallest identity names a profile; under `none`, its primary.
+            let name = if policy.private_graph {
+                identities.first().expect("identity").display()
+            } else {
+                primary.display()
+            };
             for (di, d) in setup.destinations.iter().enumerate() {
                 let mapped: Vec<usize> = audiences
                     .iter()
@@ -926,10 +931,17 @@ impl<'a> Model<'a> {
             if realized.is_empty() {
                 continue;
             }
+            // The events for the vanished profile: on its fragments, or uploads of its
+            // identities to an audience of this policy.
+            let uploads = upload_events.iter().filter(|e| {
+                setup.audiences[e.audience].policy == pi
+                    && e.identities.iter().any(|i| gone.identities.contains(i))
+            });
             let lqt = frag_events
                 .iter()
                 .filter(|e| gone.frags.contains(&e.key))
                 .map(|e| e.ts)
+                .chain(uploads.map(|e| e.ts))
                 .max()
                 .expect("model: a profile vanished without an event");
             let status: BTreeMap<usize, (St, i64)> =
@@ -940,7 +952,11 @@ impl<'a> Model<'a> {
                     self.stats.tombstones += 1;
                     exports.push(Export {
                         dest: di,
-                        profile: gone.identities.first().expect("identity").display(),
+                        profile: if policy.private_graph {
+                            gone.identities.first().expect("identity").display()
+                        } else {
+                            gone.primary.display()
+                        },
                         payload: payload(
                             setup,
                             d,

@@ -332,9 +332,10 @@ fn stitching_none_keeps_different_primary_identities_apart() {
             realized(&t(3)),
             json!({"phone": [{"id": "555"}], "zzz": [{"id": "1"}]}),
         ),
-        to_d("ecid:9", john, realized(&t(1)), first.clone()),
+        // SPEC §5: a `none` profile is named by its primary identity.
+        to_d("email:a", john, realized(&t(1)), first.clone()),
         to_d(
-            "ecid:9",
+            "email:a",
             person(Some("Jack"), None, None),
             exited(&t(5)),
             first,

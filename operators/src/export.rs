@@ -8,10 +8,12 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
+use std::sync::Arc;
 
-use crate::input::{Identity, stable_hash};
+use crate::input::stable_hash;
 use crate::leaf::{Leaf, nest, path_selects};
 use crate::plan::{AudienceIdx, DestinationIdx, Plan, PolicyIdx};
+use crate::view::ProfileView;
 
 /// A profile's status for one audience. `None` (never a member) is the absence of a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -38,13 +40,13 @@ pub struct Membership {
 }
 
 /// A `(merge policy, profile)` that may have to be exported at the end of an epoch.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub policy: PolicyIdx,
-    /// Sorted; the first names the profile.
-    pub identities: Vec<Identity>,
-    /// The merged leaves of every mapped path (of any destination), sorted by path.
-    pub leaves: Vec<(String, Leaf)>,
+    /// The profile as it is (a tombstone: as it last was).
+    pub view: Arc<ProfileView>,
+    /// The policy's position in `view.policies`.
+    pub slot: usize,
     /// Current memberships (realized or exited), sorted by audience.
     pub memberships: Vec<Membership>,
     /// Audiences whose status changed in the epoch, sorted.
@@ -57,17 +59,22 @@ pub struct Candidate {
     /// The newest event for this profile in the epoch: unique, so no two epochs' candidates
     /// of one profile are equal.
     pub seq: u64,
-    /// The profile lost its last fragment in this epoch.
+    /// The profile lost its last fragment in this epoch: exported with no attributes.
     pub tombstone: bool,
 }
 
 impl Candidate {
-    /// `"namespace:id"` of the smallest identity.
+    /// `"namespace:id"` of the identity that names the profile (SPEC §5).
     pub fn profile_name(&self) -> String {
-        self.identities
-            .first()
-            .map(Identity::display)
-            .unwrap_or_default()
+        self.view.name().display()
+    }
+
+    /// The merged mapped leaves to export (none for a tombstone).
+    pub fn leaves(&self) -> &[(String, Leaf)] {
+        match self.view.policies.get(self.slot) {
+            Some(p) if !self.tombstone => &p.leaves,
+            _ => &[],
+        }
     }
 }
 
@@ -135,7 +142,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
 
     let attributes = nest(
         candidate
-            .leaves
+            .leaves()
             .iter()
             .filter(|(p, _)| destination.attributes.iter().any(|a| path_selects(a, p)))
             .map(|(p, l)| (p.as_str(), l)),
@@ -197,7 +204,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
     out.extend_from_slice(b"}},\"identityMap\":{");
     // Identities are sorted by (namespace, id): each namespace is one run.
     let mut namespace: Option<&str> = None;
-    for identity in &candidate.identities {
+    for identity in &candidate.view.identities {
         if namespace == Some(identity.namespace.as_str()) {
             out.push(b',');
         } else {

@@ -76,6 +76,7 @@ pub struct Fragment {
     /// Event time, microseconds since the Unix epoch.
     pub ts: i64,
     /// Ingest sequence number of the event that wrote it (ties in `ts` go to the larger).
+    /// Unique per version: no two writes share a sequence number.
     pub seq: u64,
     /// Indices into `Plan::mapped_paths` of the mapped paths this fragment has a value for.
     pub mapped: Vec<u16>,
@@ -87,36 +88,99 @@ impl Fragment {
     }
 }
 
-/// An event as the dataflow sees it, for the export triggers: when it happened, its place in
-/// the input, and the mapped paths it wrote or removed.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct EventMark {
-    pub ts: i64,
-    pub seq: u64,
-    /// Indices into `Plan::mapped_paths`, sorted.
-    pub mapped: Vec<u16>,
+/// A shared fragment version as arrangements hold it: compared by its sequence number alone,
+/// which is unique per version, so sorting never walks the fragment's contents.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FragRef(pub Arc<Fragment>);
+
+impl PartialEq for FragRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.seq == other.0.seq
+    }
+}
+impl Eq for FragRef {}
+impl PartialOrd for FragRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for FragRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.seq.cmp(&other.0.seq)
+    }
+}
+impl Hash for FragRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.seq.hash(state);
+    }
+}
+impl std::ops::Deref for FragRef {
+    type Target = Fragment;
+    fn deref(&self) -> &Fragment {
+        &self.0
+    }
 }
 
-/// Everything one epoch changes, collapsed per key as the upsert inputs need it.
+/// What one epoch's events did to one key, for the export triggers: the newest event time,
+/// the latest input position, and the mapped paths written or removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Mark {
+    pub ts: i64,
+    pub seq: u64,
+    /// Indices into `Plan::mapped_paths`, sorted and deduplicated.
+    pub touched: Vec<u16>,
+}
+
+impl Mark {
+    /// A mark of one event.
+    pub fn new(ts: i64, seq: u64, touched: Vec<u16>) -> Mark {
+        Mark { ts, seq, touched }
+    }
+
+    /// Folds `other` in: the newest time, the latest position, the union of paths.
+    pub fn absorb(&mut self, other: &Mark) {
+        self.ts = self.ts.max(other.ts);
+        self.seq = self.seq.max(other.seq);
+        self.add_paths(&other.touched);
+    }
+
+    /// Adds paths to `touched`, keeping it sorted and deduplicated.
+    pub fn add_paths(&mut self, paths: &[u16]) {
+        if paths.is_empty() {
+            return;
+        }
+        self.touched.extend_from_slice(paths);
+        self.touched.sort_unstable();
+        self.touched.dedup();
+    }
+}
+
+/// The net effect of one epoch on one fragment: its last version (`None`: deleted) and the
+/// mark of all the epoch's events on it (`touched` holds the paths they wrote; the dataflow
+/// adds those the previous version held).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FragmentWrite {
+    pub value: Option<Arc<Fragment>>,
+    pub mark: Mark,
+}
+
+/// The net effect of one epoch on one `(audience, identity)` upload membership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadWrite {
+    pub member: bool,
+    pub mark: Mark,
+}
+
+/// One worker's share of an epoch, collapsed per key.
 #[derive(Clone, Debug, Default)]
 pub struct EpochInput {
-    /// The last upsert (`Some`) or delete (`None`) of each fragment written in the epoch.
-    pub fragments: Vec<(FragKey, Option<Arc<Fragment>>)>,
-    /// Every fragment event of the epoch (`mapped` holds the paths the upsert wrote; the
-    /// dataflow adds those the previous version held).
-    pub fragment_marks: Vec<(FragKey, EventMark)>,
-    /// The final membership of each `(audience, identity)` uploaded in the epoch.
-    pub uploads: Vec<((AudienceIdx, IdKey), bool)>,
-    /// Every uploaded `(audience, identity)` of the epoch with its event.
-    pub upload_marks: Vec<((AudienceIdx, IdKey), EventMark)>,
+    pub fragments: Vec<(FragKey, FragmentWrite)>,
+    pub uploads: Vec<((AudienceIdx, IdKey), UploadWrite)>,
 }
 
 impl EpochInput {
     pub fn is_empty(&self) -> bool {
         self.fragments.is_empty() && self.uploads.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.fragment_marks.len() + self.upload_marks.len()
     }
 }

@@ -1,15 +1,19 @@
 //! The streamdest dataflow: identity stitching, attribute merge, audience evaluation and change
-//! detection on differential dataflow. Pure dataflow, no I/O: inputs are pushed in by the binary
-//! and exports leave through a sink, one completed epoch at a time.
+//! detection on timely and differential dataflow. Pure dataflow, no I/O: inputs are pushed in by
+//! the binary and exports leave through a sink, one completed epoch at a time. [`dataflow`]
+//! draws the whole and composes the stages, each a module.
 
 pub mod dataflow;
 pub mod export;
+pub mod gate;
+pub mod history;
 pub mod input;
 pub mod leaf;
+pub mod link;
 pub mod merge;
 pub mod plan;
-pub mod profile;
 pub mod rule;
 pub mod sink;
-pub mod status;
 pub mod stitch;
+pub mod upsert;
+pub mod view;

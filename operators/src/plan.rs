@@ -147,3 +147,22 @@ impl Plan {
         kinds
     }
 }
+
+impl Plan {
+    /// The policies that use stitching `kind`, in order.
+    pub fn policies_of(&self, kind: Stitching) -> impl Iterator<Item = PolicyIdx> + Clone + '_ {
+        self.policies
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| p.stitching == kind)
+            .map(|(i, _)| i as PolicyIdx)
+    }
+
+    /// True when some upload audience belongs to a policy of stitching `kind`.
+    pub fn has_uploads(&self, kind: Stitching) -> bool {
+        self.audiences.iter().any(|a| {
+            matches!(a.kind, AudienceKind::Upload)
+                && self.policies[a.policy as usize].stitching == kind
+        })
+    }
+}

@@ -2,19 +2,17 @@
 //! encoded exports, one message per frontier advance.
 //!
 //! The sink reads its input frontier: once it has passed epoch `t`, no candidate of `t` can
-//! still arrive, so the epoch's exports are final. Only insertions are read (candidates hold for
-//! one epoch; their retractions at `t + 1` carry no news). Encoding runs here, on the worker
+//! still arrive, so the epoch's exports are final. Encoding runs here, on the worker
 //! threads, so JSON building scales with the workers. The receiver (the binary's egress feed)
 //! merges the workers' messages: an epoch is complete when every worker's `upper` is past it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use differential_dataflow::VecCollection;
+use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
-use crate::dataflow::PolicyProfile;
 use crate::export::{Candidate, Encoded, encode};
 use crate::input::Epoch;
 use crate::plan::{DestinationIdx, Plan};
@@ -32,51 +30,47 @@ pub struct Completed {
 /// Attaches the export sink to `candidates`; `emit` is called on the worker thread and must not
 /// block for long (hand the message to a channel).
 pub fn export_sink<'s>(
-    candidates: VecCollection<'s, Epoch, (PolicyProfile, Arc<Candidate>), isize>,
+    candidates: Stream<'s, Epoch, Vec<Candidate>>,
     plan: Arc<Plan>,
     worker: usize,
     mut emit: impl FnMut(Completed) + 'static,
 ) {
-    let mut pending: BTreeMap<Epoch, Vec<Arc<Candidate>>> = BTreeMap::new();
+    let mut pending: BTreeMap<Epoch, Vec<Candidate>> = BTreeMap::new();
     let mut reported: Epoch = 0;
-    candidates
-        .inner
-        .sink(Pipeline, "ExportSink", move |(input, frontier)| {
-            input.for_each(|_cap, updates| {
-                for ((_, candidate), epoch, diff) in updates.drain(..) {
-                    if diff > 0 {
-                        pending.entry(epoch).or_default().push(candidate);
-                    }
-                }
-            });
-            let upper = frontier
-                .frontier()
-                .iter()
-                .min()
-                .copied()
-                .unwrap_or(Epoch::MAX);
-            if upper <= reported {
-                return;
+    candidates.sink(Pipeline, "ExportSink", move |(input, frontier)| {
+        input.for_each(|cap, candidates| {
+            if let Some(epoch) = cap.least() {
+                pending.entry(*epoch).or_default().append(candidates);
             }
-            let mut epochs = Vec::new();
-            while let Some(entry) = pending.first_entry() {
-                if *entry.key() >= upper {
-                    break;
-                }
-                let (epoch, candidates) = entry.remove_entry();
-                let mut exports = Vec::new();
-                for candidate in &candidates {
-                    for dest in 0..plan.destinations.len() as DestinationIdx {
-                        exports.extend(encode(&plan, dest, candidate));
-                    }
-                }
-                epochs.push((epoch, exports));
-            }
-            reported = upper;
-            emit(Completed {
-                worker,
-                upper,
-                epochs,
-            });
         });
+        let upper = frontier
+            .frontier()
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(Epoch::MAX);
+        if upper <= reported {
+            return;
+        }
+        let mut epochs = Vec::new();
+        while let Some(entry) = pending.first_entry() {
+            if *entry.key() >= upper {
+                break;
+            }
+            let (epoch, candidates) = entry.remove_entry();
+            let mut exports = Vec::new();
+            for candidate in &candidates {
+                for dest in 0..plan.destinations.len() as DestinationIdx {
+                    exports.extend(encode(&plan, dest, candidate));
+                }
+            }
+            epochs.push((epoch, exports));
+        }
+        reported = upper;
+        emit(Completed {
+            worker,
+            upper,
+            epochs,
+        });
+    });
 }

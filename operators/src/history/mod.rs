@@ -1,0 +1,307 @@
+//! History: statuses and `lastQualificationTime` carried across epochs and across the profiles
+//! that continue each other, and the decision of what to export.
+//!
+//! ```text
+//!  to profiles ─exchange(profile)─► route ─exchange(profile)─► decide ─► candidates
+//!  (views, successors, marks)         │  ▲                        │
+//!                                     │  └── records (t - 1) ◄────┘  (shared, worker-local)
+//!                                     └─ a record and its marks, to each successor
+//! ```
+//!
+//! Both stages are keyed by profile and hold no arrangement. The previous epoch's records live
+//! in a map shared by the two stages of one worker (the same keys land on the same worker for
+//! both). `route` acts on epoch `t` once `decide` has finished `t - 1` on its worker, so it
+//! reads the records as they stood at the end of `t - 1`; it sends each record with the
+//! before-marks to the profile's successors (an exchange, as a successor may live elsewhere)
+//! and exports the profiles that ended with no successor (tombstones). `decide` acts on `t`
+//! once every worker's `route` has, so it has every predecessor of its profiles; it writes the
+//! new records. Each profile is evaluated once per epoch in which it was touched.
+
+pub mod step;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::scheduling::Activator;
+
+use crate::export::Candidate;
+use crate::gate::EpochGate;
+use crate::input::{Epoch, ProfileKey};
+use crate::link::{Role, ToProfile};
+use crate::plan::{Plan, Stitching};
+use crate::view::ProfileView;
+pub use step::{PolicyMark, Record};
+
+/// The state the two stages of one worker share.
+#[derive(Default)]
+struct Shared {
+    /// Each live profile's record, as of the end of the last decided epoch.
+    records: HashMap<ProfileKey, Record>,
+    /// Every epoch before this one has been decided on this worker.
+    decided: Epoch,
+    /// Wakes `route` when `decided` moves.
+    route: Option<Activator>,
+}
+
+/// What `route` hands `decide` about a profile.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Pass {
+    /// The profile exists after the epoch: its view (`None`: unchanged), whether it continues
+    /// itself (it existed before), and its marks.
+    Live {
+        view: Option<Arc<ProfileView>>,
+        continues_itself: bool,
+        marks: Vec<PolicyMark>,
+    },
+    /// The profile no longer exists: forget its record.
+    Gone,
+    /// A predecessor's record and before-marks.
+    Predecessor {
+        record: Record,
+        marks: Vec<PolicyMark>,
+    },
+    /// An export decided by `route` (a tombstone).
+    Emit(Candidate),
+}
+
+/// What one epoch told `route` about one profile.
+#[derive(Default)]
+struct Touch {
+    inserted: Option<Arc<ProfileView>>,
+    retracted: bool,
+    successors: Vec<ProfileKey>,
+    before: Vec<PolicyMark>,
+    after: Vec<PolicyMark>,
+    if_gone: Vec<PolicyMark>,
+}
+
+impl Touch {
+    fn add(&mut self, message: ToProfile) {
+        match message {
+            ToProfile::View { view, diff } if diff > 0 => self.inserted = Some(view),
+            ToProfile::View { .. } => self.retracted = true,
+            ToProfile::Successor(s) => self.successors.push(s),
+            ToProfile::Mark { role, policy, mark } => match role {
+                Role::Before => self.before.push((policy, mark)),
+                Role::After => self.after.push((policy, mark)),
+                Role::IfGone => self.if_gone.push((policy, mark)),
+            },
+        }
+    }
+}
+
+/// History and decision for the profiles of stitching `kind`.
+pub fn history<'s>(
+    plan: Arc<Plan>,
+    kind: Stitching,
+    to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
+) -> Stream<'s, Epoch, Vec<Candidate>> {
+    let shared = Rc::new(RefCell::new(Shared::default()));
+    let scope = to_profiles.scope();
+    let passes = route(plan.clone(), kind, to_profiles, shared.clone(), scope);
+    decide(plan, kind, passes, shared)
+}
+
+fn route<'s>(
+    plan: Arc<Plan>,
+    kind: Stitching,
+    to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
+    shared: Rc<RefCell<Shared>>,
+    scope: timely::dataflow::Scope<'s, Epoch>,
+) -> Stream<'s, Epoch, Vec<(ProfileKey, Pass)>> {
+    to_profiles.unary_frontier::<CapacityContainerBuilder<Vec<(ProfileKey, Pass)>>, _, _, _>(
+        Exchange::new(|(profile, _, _): &(ProfileKey, ToProfile, Epoch)| *profile),
+        "Route",
+        move |_initial, info| {
+            shared.borrow_mut().route = Some(scope.activator_for(info.address));
+            let mut gate = EpochGate::default();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    gate.push_timed(cap.retain_least(0), data.drain(..), |(p, m, t)| (t, (p, m)))
+                });
+                loop {
+                    // The records must be those of the end of the previous epoch.
+                    let decided = shared.borrow().decided;
+                    if gate.first_pending().is_none_or(|t| t > decided) {
+                        break;
+                    }
+                    let Some((cap, messages)) = gate.next_complete(frontier) else {
+                        break;
+                    };
+                    let mut touched: HashMap<ProfileKey, Touch> = HashMap::new();
+                    for (profile, message) in messages {
+                        touched.entry(profile).or_default().add(message);
+                    }
+                    let shared = shared.borrow();
+                    let mut session = output.session(&cap);
+                    for (profile, touch) in touched {
+                        let record = shared.records.get(&profile);
+                        for (to, pass) in route_one(&plan, kind, profile, record, touch) {
+                            session.give((to, pass));
+                        }
+                    }
+                }
+                gate.release();
+            }
+        },
+    )
+}
+
+/// What `route` says of one touched profile, as `(addressee, pass)` pairs.
+fn route_one(
+    plan: &Plan,
+    kind: Stitching,
+    profile: ProfileKey,
+    record: Option<&Record>,
+    mut touch: Touch,
+) -> Vec<(ProfileKey, Pass)> {
+    let mut out = Vec::new();
+    let exists = touch.inserted.is_some() || (!touch.retracted && record.is_some());
+    // As a predecessor: hand the record on, or leave with a tombstone.
+    if let Some(record) = record {
+        touch.successors.sort_unstable();
+        touch.successors.dedup();
+        touch.successors.retain(|s| *s != profile);
+        if touch.successors.is_empty() && !exists {
+            let mut marks = touch.before.clone();
+            marks.append(&mut touch.if_gone);
+            let mut candidates = Vec::new();
+            step::tombstone(plan, kind, record, &marks, &mut candidates);
+            out.extend(candidates.into_iter().map(|c| (profile, Pass::Emit(c))));
+        }
+        for &successor in &touch.successors {
+            out.push((
+                successor,
+                Pass::Predecessor {
+                    record: record.clone(),
+                    marks: touch.before.clone(),
+                },
+            ));
+        }
+    }
+    // As a profile after the epoch.
+    if exists {
+        let mut marks = touch.after;
+        if record.is_some() {
+            marks.append(&mut touch.before);
+        }
+        out.push((
+            profile,
+            Pass::Live {
+                view: touch.inserted,
+                continues_itself: record.is_some(),
+                marks,
+            },
+        ));
+    } else if record.is_some() {
+        out.push((profile, Pass::Gone));
+    }
+    out
+}
+
+fn decide<'s>(
+    plan: Arc<Plan>,
+    kind: Stitching,
+    passes: Stream<'s, Epoch, Vec<(ProfileKey, Pass)>>,
+    shared: Rc<RefCell<Shared>>,
+) -> Stream<'s, Epoch, Vec<Candidate>> {
+    passes.unary_frontier::<CapacityContainerBuilder<Vec<Candidate>>, _, _, _>(
+        Exchange::new(|(profile, _): &(ProfileKey, Pass)| *profile),
+        "Decide",
+        move |_initial, _info| {
+            let mut gate = EpochGate::default();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
+                let mut shared = shared.borrow_mut();
+                while let Some((cap, passes)) = gate.next_complete(frontier) {
+                    let mut by_profile: HashMap<ProfileKey, Vec<Pass>> = HashMap::new();
+                    for (profile, pass) in passes {
+                        by_profile.entry(profile).or_default().push(pass);
+                    }
+                    let mut candidates = Vec::new();
+                    for (profile, passes) in by_profile {
+                        decide_one(
+                            &plan,
+                            kind,
+                            &mut shared.records,
+                            profile,
+                            passes,
+                            &mut candidates,
+                        );
+                    }
+                    output.session(&cap).give_iterator(candidates.into_iter());
+                }
+                gate.release();
+                let decided = frontier
+                    .frontier()
+                    .iter()
+                    .min()
+                    .copied()
+                    .unwrap_or(Epoch::MAX);
+                if decided > shared.decided {
+                    shared.decided = decided;
+                    if let Some(route) = &shared.route {
+                        route.activate();
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Decides one profile from what `route` passed it.
+fn decide_one(
+    plan: &Plan,
+    kind: Stitching,
+    records: &mut HashMap<ProfileKey, Record>,
+    profile: ProfileKey,
+    passes: Vec<Pass>,
+    out: &mut Vec<Candidate>,
+) {
+    let mut live = None;
+    let mut predecessors = Vec::new();
+    let mut marks = Vec::new();
+    for pass in passes {
+        match pass {
+            Pass::Live {
+                view,
+                continues_itself,
+                marks: mut own,
+            } => {
+                live = Some((view, continues_itself));
+                marks.append(&mut own);
+            }
+            Pass::Gone => {
+                records.remove(&profile);
+            }
+            Pass::Predecessor {
+                record,
+                marks: mut theirs,
+            } => {
+                predecessors.push(record);
+                marks.append(&mut theirs);
+            }
+            Pass::Emit(candidate) => out.push(candidate),
+        }
+    }
+    let Some((view, continues_itself)) = live else {
+        return;
+    };
+    let own = records.get(&profile);
+    let Some(view) = view.or_else(|| own.map(|r| r.view.clone())) else {
+        return;
+    };
+    let mut preds: Vec<&Record> = predecessors.iter().collect();
+    if continues_itself && let Some(own) = own {
+        preds.push(own);
+    }
+    let record = step::decide(plan, kind, view, &preds, &marks, out);
+    records.insert(profile, record);
+}
