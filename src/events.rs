@@ -12,7 +12,8 @@ use serde_json::{Map, Value};
 use streamdest_operators::input::{
     EpochInput, Fragment, FragmentWrite, Identity, Mark, UploadWrite, fragment_key,
 };
-use streamdest_operators::leaf::flatten;
+use streamdest_operators::intern::intern;
+use streamdest_operators::leaf::{Leaf, Path, flatten};
 use streamdest_operators::plan::{AudienceIdx, AudienceKind, Plan};
 
 /// Why an event was refused.
@@ -116,7 +117,7 @@ fn identity_list(obj: &Map<String, Value>, field: &str) -> Result<Vec<Identity>,
                 .ok_or_else(|| field_err(&at, "must be an object"))?;
             let namespace = string(item, "namespace").map_err(|e| nest(&at, e))?;
             let id = string(item, "id").map_err(|e| nest(&at, e))?;
-            Ok(Identity { namespace, id })
+            Ok(Identity::new(&namespace, &id))
         })
         .collect()
 }
@@ -154,13 +155,7 @@ fn identity_map(obj: &Map<String, Value>) -> Result<Vec<(Identity, bool)>, Event
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(field_err(format!("{at}.primary"), "must be a boolean")),
             };
-            out.push((
-                Identity {
-                    namespace: namespace.clone(),
-                    id,
-                },
-                primary,
-            ));
+            out.push((Identity::new(namespace, &id), primary));
         }
     }
     if out.is_empty() {
@@ -248,16 +243,22 @@ impl Update {
                     identities.into_iter().map(|(i, _)| i).collect();
                 identities.sort();
                 identities.dedup();
-                let leaves = flatten(&attributes);
+                // Projection: leaves that no rule or mapping reads never reach an export.
+                let leaves: Vec<(Path, Leaf)> = flatten(&attributes)
+                    .into_iter()
+                    .filter(|(path, _)| plan.reads(path))
+                    .map(|(path, leaf)| (intern(&path), leaf))
+                    .collect();
                 let mut mapped: Vec<u16> = leaves
                     .iter()
                     .flat_map(|(p, _)| plan.mapped_indices_of(p))
                     .collect();
                 mapped.sort_unstable();
                 mapped.dedup();
+                let primary = identities.binary_search(&primary).unwrap_or(0) as u32;
                 Update::Upsert(Arc::new(Fragment {
-                    dataset,
-                    id,
+                    key: fragment_key(&dataset, &id),
+                    dataset: intern(&dataset),
                     identities,
                     primary,
                     leaves,

@@ -133,6 +133,11 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// mimalloc: the dataflow allocates many small, short-lived values across worker threads,
+/// where glibc's allocator spent a quarter of the time (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();

@@ -85,9 +85,15 @@ impl ExportHandler for DryRun {
     fn epoch(&mut self, _epoch: Epoch, exports: Vec<Encoded>) -> anyhow::Result<()> {
         for e in exports {
             let destination = &self.plan.destinations[e.destination as usize].id;
-            let payload: serde_json::Value = serde_json::from_str(&e.payload)?;
-            let line = serde_json::json!({"destination": destination, "profile": e.profile, "payload": payload});
-            writeln!(self.out, "{line}").context("writing to standard output")?;
+            // The payload is JSON text already: written as it is, not parsed again.
+            writeln!(
+                self.out,
+                "{{\"destination\":{},\"profile\":{},\"payload\":{}}}",
+                serde_json::Value::from(destination.as_str()),
+                serde_json::Value::from(e.profile.as_str()),
+                e.payload
+            )
+            .context("writing to standard output")?;
         }
         self.out.flush().context("writing to standard output")?;
         Ok(())

@@ -755,7 +755,7 @@ impl<'a> Model<'a> {
             }
         }
         best.into_iter()
-            .map(|(p, (_, l))| (p.to_string(), l.clone()))
+            .map(|(p, (_, l))| (p.to_string().into(), l.clone()))
             .collect()
     }
 
@@ -990,7 +990,7 @@ fn payload(
             leaves
                 .iter()
                 .filter(|(p, _)| d.attributes.iter().any(|a| path_selects(a, p)))
-                .map(|(p, l)| (p.as_str(), l)),
+                .map(|(p, l)| (&**p, l)),
         ),
         None => Map::new(),
     };

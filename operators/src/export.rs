@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::input::stable_hash;
-use crate::leaf::{Leaf, nest, path_selects};
+use crate::leaf::{Leaf, Path, nest, path_selects};
 use crate::plan::{AudienceIdx, DestinationIdx, Plan, PolicyIdx};
 use crate::view::ProfileView;
 
@@ -70,7 +70,7 @@ impl Candidate {
     }
 
     /// The merged mapped leaves to export (none for a tombstone).
-    pub fn leaves(&self) -> &[(String, Leaf)] {
+    pub fn leaves(&self) -> &[(Path, Leaf)] {
         match self.view.policies.get(self.slot) {
             Some(p) if !self.tombstone => &p.leaves,
             _ => &[],
@@ -145,7 +145,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
             .leaves()
             .iter()
             .filter(|(p, _)| destination.attributes.iter().any(|a| path_selects(a, p)))
-            .map(|(p, l)| (p.as_str(), l)),
+            .map(|(p, l)| (&**p, l)),
     );
 
     // Written straight into the buffer: this runs for every export, and building a
@@ -205,7 +205,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
     // Identities are sorted by (namespace, id): each namespace is one run.
     let mut namespace: Option<&str> = None;
     for identity in &candidate.view.identities {
-        if namespace == Some(identity.namespace.as_str()) {
+        if namespace == Some(&*identity.namespace) {
             out.push(b',');
         } else {
             if namespace.is_some() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::leaf::Leaf;
+use crate::leaf::{Leaf, Path};
 use crate::plan::AudienceIdx;
 
 /// The dataflow's logical time: an epoch number.
@@ -24,23 +24,28 @@ pub type FragKey = u64;
 pub type ProfileKey = u64;
 
 /// An identity: a namespace and an id. Orders by `(namespace, id)`, comparing by code point.
+///
+/// The namespace is interned; the id is shared by every copy; the node key is computed once.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Identity {
-    pub namespace: String,
-    pub id: String,
+    pub namespace: Arc<str>,
+    pub id: Arc<str>,
+    /// A function of the two above, so it never changes the order or equality.
+    key: IdKey,
 }
 
 impl Identity {
-    pub fn new(namespace: impl Into<String>, id: impl Into<String>) -> Self {
+    pub fn new(namespace: &str, id: &str) -> Self {
         Identity {
-            namespace: namespace.into(),
-            id: id.into(),
+            key: stable_hash(&(0u8, namespace, id)) & !(1 << 63),
+            namespace: crate::intern::intern(namespace),
+            id: Arc::from(id),
         }
     }
 
     /// The identity's node key in the stitching graph.
     pub fn key(&self) -> IdKey {
-        stable_hash(&(0u8, &self.namespace, &self.id)) & !(1 << 63)
+        self.key
     }
 
     /// `"namespace:id"`, the form used to name profiles.
@@ -62,17 +67,20 @@ pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
     hasher.finish()
 }
 
-/// One record of one dataset, as it stands after an upsert.
+/// One record of one dataset, as it stands after an upsert, projected to the attribute paths
+/// that some rule or mapping reads.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fragment {
-    pub dataset: String,
-    pub id: String,
+    /// [`fragment_key`] of `(dataset, id)`.
+    pub key: FragKey,
+    /// Interned.
+    pub dataset: Arc<str>,
     /// Sorted and deduplicated; never empty.
     pub identities: Vec<Identity>,
-    /// The identity flagged primary, else the smallest.
-    pub primary: Identity,
+    /// Index in `identities` of the identity flagged primary, else of the smallest.
+    pub primary: u32,
     /// Leaves sorted by path.
-    pub leaves: Vec<(String, Leaf)>,
+    pub leaves: Vec<(Path, Leaf)>,
     /// Event time, microseconds since the Unix epoch.
     pub ts: i64,
     /// Ingest sequence number of the event that wrote it (ties in `ts` go to the larger).
@@ -84,7 +92,12 @@ pub struct Fragment {
 
 impl Fragment {
     pub fn key(&self) -> FragKey {
-        fragment_key(&self.dataset, &self.id)
+        self.key
+    }
+
+    /// The primary identity.
+    pub fn primary(&self) -> &Identity {
+        &self.identities[(self.primary as usize).min(self.identities.len().saturating_sub(1))]
     }
 }
 

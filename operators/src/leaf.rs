@@ -6,6 +6,8 @@
 //! `serde_json::Value` cannot.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,10 +18,10 @@ pub enum Leaf {
     Null,
     Bool(bool),
     /// A JSON number, kept as its canonical text so it is written back exactly as received.
-    Num(String),
-    Str(String),
+    Num(Arc<str>),
+    Str(Arc<str>),
     /// A JSON array, kept as its canonical JSON text.
-    Array(String),
+    Array(Arc<str>),
 }
 
 impl Leaf {
@@ -28,9 +30,9 @@ impl Leaf {
         Some(match value {
             Value::Null => Leaf::Null,
             Value::Bool(b) => Leaf::Bool(*b),
-            Value::Number(n) => Leaf::Num(n.to_string()),
-            Value::String(s) => Leaf::Str(s.clone()),
-            Value::Array(_) => Leaf::Array(value.to_string()),
+            Value::Number(n) => Leaf::Num(n.to_string().into()),
+            Value::String(s) => Leaf::Str(s.as_str().into()),
+            Value::Array(_) => Leaf::Array(value.to_string().into()),
             Value::Object(_) => return None,
         })
     }
@@ -41,7 +43,7 @@ impl Leaf {
             Leaf::Null => Value::Null,
             Leaf::Bool(b) => Value::Bool(*b),
             Leaf::Num(n) => serde_json::from_str(n).unwrap_or(Value::Null),
-            Leaf::Str(s) => Value::String(s.clone()),
+            Leaf::Str(s) => Value::String(s.to_string()),
             Leaf::Array(a) => serde_json::from_str(a).unwrap_or(Value::Null),
         }
     }
@@ -84,8 +86,11 @@ pub fn flatten(attributes: &serde_json::Map<String, Value>) -> Vec<(String, Leaf
     out
 }
 
+/// A dotted attribute path, shared (see [`crate::intern`]).
+pub type Path = Arc<str>;
+
 /// A merged profile's attributes: dotted leaf path to value.
-pub type Leaves = BTreeMap<String, Leaf>;
+pub type Leaves = BTreeMap<Path, Leaf>;
 
 /// What a path names in a set of leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +108,7 @@ pub fn lookup<'a>(leaves: &'a Leaves, path: &str) -> Option<Lookup<'a>> {
     }
     let prefix = format!("{path}.");
     leaves
-        .range(prefix.clone()..)
+        .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
         .next()
         .filter(|(k, _)| k.starts_with(&prefix))
         .map(|_| Lookup::Object)
@@ -169,9 +174,7 @@ mod tests {
 
     #[test]
     fn lookup_distinguishes_leaf_object_and_missing() {
-        let leaves: Leaves = [("a.b".to_string(), Leaf::Bool(true))]
-            .into_iter()
-            .collect();
+        let leaves: Leaves = [("a.b".into(), Leaf::Bool(true))].into_iter().collect();
         assert_eq!(
             lookup(&leaves, "a.b"),
             Some(Lookup::Leaf(&Leaf::Bool(true)))

@@ -8,6 +8,7 @@ pub mod export;
 pub mod gate;
 pub mod history;
 pub mod input;
+pub mod intern;
 pub mod leaf;
 pub mod link;
 pub mod merge;

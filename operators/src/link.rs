@@ -14,7 +14,7 @@
 //! Under `none` no identity links profiles (a profile continues only itself, by its primary
 //! identity), and the linker only resolves upload marks.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -97,7 +97,7 @@ pub fn link<'s>(
         "Link",
         move |_initial, _info| {
             let mut gate = EpochGate::default();
-            let mut index: HashMap<IdKey, Holders> = HashMap::new();
+            let mut index: FxHashMap<IdKey, Holders> = FxHashMap::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     gate.push_timed(cap.retain_least(0), data.drain(..), |(i, m, t)| (t, (i, m)))
@@ -105,7 +105,8 @@ pub fn link<'s>(
                 while let Some((cap, messages)) = gate.next_complete(frontier) {
                     let epoch = *cap.time();
                     let mut session = output.session(&cap);
-                    let mut changes: HashMap<IdKey, Vec<(ProfileKey, isize)>> = HashMap::new();
+                    let mut changes: FxHashMap<IdKey, Vec<(ProfileKey, isize)>> =
+                        FxHashMap::default();
                     let mut marks = Vec::new();
                     for (identity, message) in messages {
                         match message {
@@ -116,7 +117,7 @@ pub fn link<'s>(
                         }
                     }
                     // Where each changed identity was before the epoch.
-                    let mut before: HashMap<IdKey, Vec<ProfileKey>> = HashMap::new();
+                    let mut before: FxHashMap<IdKey, Vec<ProfileKey>> = FxHashMap::default();
                     for (identity, deltas) in changes {
                         let holders = index.entry(identity).or_default();
                         let was: Vec<ProfileKey> = holders.profiles().collect();

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::input::Fragment;
-use crate::leaf::{Leaf, Leaves};
+use crate::leaf::{Leaf, Leaves, Path};
 use crate::plan::AttributeMerge;
 
 /// How strongly a fragment's values win: larger wins.
@@ -26,7 +26,7 @@ fn rank(policy: &AttributeMerge, fragment: &Fragment) -> Rank {
         AttributeMerge::TimestampOrdered => 0,
         AttributeMerge::DatasetPrecedence(order) => order
             .iter()
-            .position(|d| *d == fragment.dataset)
+            .position(|d| **d == *fragment.dataset)
             .map(|p| -(p as i64))
             .unwrap_or(i64::MIN),
     };
@@ -43,14 +43,14 @@ pub fn merge<'a>(
     fragments: impl IntoIterator<Item = &'a Fragment>,
     mut keep: impl FnMut(&str) -> bool,
 ) -> Leaves {
-    let mut best: BTreeMap<&'a str, (Rank, &'a Leaf)> = BTreeMap::new();
+    let mut best: BTreeMap<&'a Path, (Rank, &'a Leaf)> = BTreeMap::new();
     for fragment in fragments {
         let r = rank(policy, fragment);
         for (path, leaf) in &fragment.leaves {
             if !keep(path) {
                 continue;
             }
-            match best.get_mut(path.as_str()) {
+            match best.get_mut(path) {
                 Some(slot) if slot.0 >= r => {}
                 Some(slot) => *slot = (r, leaf),
                 None => {
@@ -60,7 +60,7 @@ pub fn merge<'a>(
         }
     }
     best.into_iter()
-        .map(|(p, (_, l))| (p.to_string(), l.clone()))
+        .map(|(p, (_, l))| (p.clone(), l.clone()))
         .collect()
 }
 
@@ -72,12 +72,12 @@ mod tests {
     fn frag(dataset: &str, ts: i64, seq: u64, leaves: &[(&str, &str)]) -> Fragment {
         Fragment {
             dataset: dataset.into(),
-            id: format!("{dataset}-{seq}"),
+            key: crate::input::fragment_key(dataset, &format!("{dataset}-{seq}")),
             identities: vec![Identity::new("email", "a")],
-            primary: Identity::new("email", "a"),
+            primary: 0,
             leaves: leaves
                 .iter()
-                .map(|(p, v)| (p.to_string(), Leaf::Str(v.to_string())))
+                .map(|(p, v)| (Path::from(*p), Leaf::Str((*v).into())))
                 .collect(),
             ts,
             seq,

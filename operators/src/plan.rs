@@ -85,6 +85,9 @@ pub struct Plan {
     pub mapped_paths: Vec<String>,
     /// Per policy: every attribute path its rule audiences read (derived by `finish`).
     pub rule_paths: Vec<Vec<String>>,
+    /// Every path some rule or mapping reads, sorted (derived by `finish`): a fragment's other
+    /// leaves can never reach an export, so ingest drops them.
+    pub read_paths: Vec<String>,
 }
 
 impl Plan {
@@ -115,7 +118,23 @@ impl Plan {
                 paths
             })
             .collect();
+        let mut read: Vec<String> = self
+            .mapped_paths
+            .iter()
+            .chain(self.rule_paths.iter().flatten())
+            .cloned()
+            .collect();
+        read.sort();
+        read.dedup();
+        self.read_paths = read;
         self
+    }
+
+    /// True when some rule or mapping reads the leaf at `leaf_path`.
+    pub fn reads(&self, leaf_path: &str) -> bool {
+        self.read_paths
+            .iter()
+            .any(|p| crate::leaf::path_selects(p, leaf_path))
     }
 
     /// Indices into `mapped_paths` of the paths that select `leaf_path`.

@@ -204,7 +204,7 @@ fn compare(found: Option<Lookup<'_>>, op: CmpOp, value: &Literal) -> bool {
             .as_f64()
             .and_then(|a| a.partial_cmp(b))
             .is_some_and(|ordering| op.holds(ordering)),
-        (Leaf::Str(a), Literal::Str(b)) => op.holds(a.as_str().cmp(b.as_str())),
+        (Leaf::Str(a), Literal::Str(b)) => op.holds((**a).cmp(b.as_str())),
         _ => false,
     }
 }
@@ -748,7 +748,10 @@ mod tests {
         let Some(object) = attributes.as_object() else {
             panic!("fixture is an object")
         };
-        flatten(object).into_iter().collect()
+        flatten(object)
+            .into_iter()
+            .map(|(p, l)| (p.into(), l))
+            .collect()
     }
 
     #[test]
@@ -995,19 +998,16 @@ mod tests {
 
     #[test]
     fn decodes_json_string_escapes() {
-        let leaves: Leaves = [(
-            "s".to_owned(),
-            Leaf::Str("\"\\/\u{8}\u{c}\n\r\t😀é".to_owned()),
-        )]
-        .into_iter()
-        .collect();
+        let leaves: Leaves = [("s".into(), Leaf::Str("\"\\/\u{8}\u{c}\n\r\t😀é".into()))]
+            .into_iter()
+            .collect();
         let rule = Rule::parse(r#"s = "\"\\\/\b\f\n\r\t\uD83D\uDE00\u00E9""#);
         assert!(rule.is_ok_and(|rule| rule.eval(&leaves)));
     }
 
     #[test]
     fn keywords_may_be_path_segments_but_not_paths() {
-        let leaves: Leaves = [("a.and".to_owned(), Leaf::Num("1".to_owned()))]
+        let leaves: Leaves = [("a.and".into(), Leaf::Num("1".into()))]
             .into_iter()
             .collect();
         assert!(Rule::parse("a.and = 1").is_ok_and(|rule| rule.eval(&leaves)));

@@ -42,9 +42,9 @@ pub fn stitch<'s>(
         Stitching::None => Stitched {
             fragments: fragments
                 .clone()
-                .map(|(_, f): (FragKey, FragRef)| (f.primary.key(), f)),
+                .map(|(_, f): (FragKey, FragRef)| (f.primary().key(), f)),
             identities: fragments.flat_map(|(_, f): (FragKey, FragRef)| {
-                let profile = f.primary.key();
+                let profile = f.primary().key();
                 f.identities
                     .iter()
                     .map(|i| (i.key(), profile))

@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -35,7 +37,7 @@ impl Anchor {
         Anchor {
             // Never empty: a fragment holds at least one identity.
             identity: fragment.identities.first().map_or(0, |i| i.key()),
-            primary: fragment.primary.key(),
+            primary: fragment.primary().key(),
         }
     }
 }
@@ -64,7 +66,7 @@ pub fn upsert<'s>(
         "Upsert",
         |_initial, _info| {
             let mut gate = EpochGate::default();
-            let mut versions: std::collections::HashMap<FragKey, Arc<Fragment>> =
+            let mut versions: FxHashMap<FragKey, Arc<Fragment>> =
                 Default::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));

@@ -14,7 +14,7 @@ use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{Epoch, FragRef, Identity, ProfileKey};
-use crate::leaf::{Leaf, path_selects};
+use crate::leaf::{Leaf, Path, path_selects};
 use crate::merge::merge;
 use crate::plan::{AudienceIdx, AudienceKind, Plan, PolicyIdx, Stitching};
 
@@ -30,7 +30,7 @@ pub enum Member {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyView {
     /// Merged leaves of the mapped paths only, sorted by path.
-    pub leaves: Vec<(String, Leaf)>,
+    pub leaves: Vec<(Path, Leaf)>,
     /// Audiences of the policy the profile qualifies for, sorted.
     pub qualified: Vec<AudienceIdx>,
 }
@@ -65,7 +65,7 @@ pub fn assemble<'a>(
         Member::Fragment(f) => Some(&**f),
         Member::Upload(_) => None,
     });
-    let primary = fragments.clone().next()?.primary.clone();
+    let primary = fragments.clone().next()?.primary().clone();
     let uploaded: BTreeSet<AudienceIdx> = members
         .filter_map(|m| match m {
             Member::Upload(a) => Some(*a),

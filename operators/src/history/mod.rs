@@ -19,8 +19,8 @@
 
 pub mod step;
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ pub use step::{PolicyMark, Record};
 #[derive(Default)]
 struct Shared {
     /// Each live profile's record, as of the end of the last decided epoch.
-    records: HashMap<ProfileKey, Record>,
+    records: FxHashMap<ProfileKey, Record>,
     /// Every epoch before this one has been decided on this worker.
     decided: Epoch,
     /// Wakes `route` when `decided` moves.
@@ -135,7 +135,7 @@ fn route<'s>(
                     let Some((cap, messages)) = gate.next_complete(frontier) else {
                         break;
                     };
-                    let mut touched: HashMap<ProfileKey, Touch> = HashMap::new();
+                    let mut touched: FxHashMap<ProfileKey, Touch> = FxHashMap::default();
                     for (profile, message) in messages {
                         touched.entry(profile).or_default().add(message);
                     }
@@ -221,7 +221,7 @@ fn decide<'s>(
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
                 let mut shared = shared.borrow_mut();
                 while let Some((cap, passes)) = gate.next_complete(frontier) {
-                    let mut by_profile: HashMap<ProfileKey, Vec<Pass>> = HashMap::new();
+                    let mut by_profile: FxHashMap<ProfileKey, Vec<Pass>> = FxHashMap::default();
                     for (profile, pass) in passes {
                         by_profile.entry(profile).or_default().push(pass);
                     }
@@ -260,7 +260,7 @@ fn decide<'s>(
 fn decide_one(
     plan: &Plan,
     kind: Stitching,
-    records: &mut HashMap<ProfileKey, Record>,
+    records: &mut FxHashMap<ProfileKey, Record>,
     profile: ProfileKey,
     passes: Vec<Pass>,
     out: &mut Vec<Candidate>,

@@ -1,59 +1,7 @@
-//! `streamdest bench`: the whole pipeline — synthetic events → dataflow → egress → a local
-//! HTTP endpoint — in one process, at a fixed offered rate, with event-to-receipt latency.
-//!
-//! # What runs
-//!
-//! * an in-process [`Receiver`] (hyper, HTTP/1.1 keep-alive, `127.0.0.1:0`) that answers
-//!   `200` and timestamps every request once its body is read;
-//! * the dataflow ([`Pipeline`], `--workers` timely threads) fed by this thread;
-//! * the [`Egress`] (one destination pointing at the receiver, `--max-in-flight` slots) on a
-//!   tokio runtime shared with the receiver;
-//! * a *collector* thread that takes completed epochs from the [`ExportStream`] and a
-//!   *submitter* thread that hands their exports to the egress.
-//!
-//! # Phases
-//!
-//! 1. **Initial load** (not timed as part of the latency): two fragments per profile, in big
-//!    epochs (`--load-batch` events), generated and parsed on a helper thread. The exports the
-//!    load produces are counted and discarded — they would be a one-off backfill, not the
-//!    steady state this measures.
-//! 2. **Measured phases**, one per `--rate` (and the trials of `--max`): an *open-loop* feeder.
-//!    Event `i` of a phase is *scheduled* at `t0 + i / rate`; every `--batch-ms` the feeder
-//!    takes every event whose time has come (at most `--load-batch`), parses and resolves it
-//!    and pushes it as one epoch. A stall therefore makes the next epochs bigger and their
-//!    events later — it does not slow the schedule down (no coordinated omission). The first
-//!    `--warmup` seconds of a phase are excluded from the figures.
-//!
-//! # Latency: from the `Idempotency-Key`
-//!
-//! Event `i` of a phase gets the ingest sequence number `base + i`. An export's
-//! `Idempotency-Key` ends in `-{seq:x}`, the largest sequence number among the events for that
-//! profile in the epoch (`streamdest_operators::export::encode`). When the receiver gets a
-//! request it parses that suffix, computes the event's scheduled time from `i` alone and
-//! records `receipt − scheduled` in a histogram: no map from exports to events, no per-event
-//! bookkeeping, one mutex-protected histogram update per request. When several events for one
-//! profile fall into one epoch they give one export, measured from the newest of them (the
-//! older ones are at most one epoch, `--batch-ms` plus catch-up, older); with far more
-//! profiles than events per epoch this is rare. Requests whose key does not parse are counted
-//! as `unmatched` (a non-zero count means the key format changed).
-//!
-//! # Where the time goes
-//!
-//! Each measured event's latency is split into stages, each with its own histogram:
-//! `ingest_wait` (scheduled → its epoch pushed: batching and dataflow backpressure),
-//! `dataflow_per_epoch` (push → the epoch completed at the [`ExportStream`]),
-//! `queue_before_egress` (completed → accepted by [`Egress::submit`], per export), and `egress`
-//! (submit → delivered: waiting for the profile's previous export and a `maxInFlight` slot,
-//! plus the HTTP round trip; the egress's own histogram).
-//!
-//! `--max` searches the highest offered rate whose p99 stays under `--p99-ms`: short trials
-//! (`--max-duration`) doubling from `--max-start` until one fails, then bisecting. A trial is
-//! cut short once the feeder lags its schedule by more than `max(1 s, 4 × --p99-ms)`; a
-//! `--rate` phase once it lags by more than `--max-lag` (its unpushed events are reported as
-//! `events_dropped`, and the phase fails).
+//! The engine shared by `bench` and `demo`: receiver + pipeline + egress, fed phase by phase by
+//! an open-loop feeder, with the collector and submitter threads between the dataflow and the
+//! egress.
 
-use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -63,340 +11,34 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver as Channel, Sender};
 use hdrhistogram::Histogram;
-use serde::Serialize;
 use streamdest_operators::export::Encoded;
 use streamdest_operators::input::{Epoch, EpochInput};
 use streamdest_operators::plan::Plan;
 
+use super::report::{Breakdown, EgressTotals, LoadReport, Percentiles, PhaseReport, round2};
+use super::resources::{cpu_times, proc_status_mib, thread_cpu};
 use crate::egress::{Egress, EgressOptions, Export};
 use crate::events::{EpochBuilder, Update, parse_line};
 use crate::pipeline::{ExportStream, Pipeline, PipelineConfig};
 use crate::receiver::{Receiver, ReceiverOptions};
 use crate::synth::{Synth, Updates};
 
-/// `streamdest bench` options.
-#[derive(clap::Args, Clone, Debug)]
-pub struct BenchArgs {
-    /// Synthetic profiles, each loaded as two fragments (CRM and web) sharing an email.
-    #[arg(long, default_value_t = 100_000)]
-    pub profiles: u64,
-    /// Rule audiences, all mapped to the destination.
-    #[arg(long, default_value_t = 20)]
-    pub audiences: usize,
-    /// Share of update events that write mapped attributes or can move a membership (the
-    /// rest write an unmapped attribute and export nothing).
-    #[arg(long, default_value_t = 0.5)]
-    pub relevant: f64,
-    /// Offered rate, events/s. A comma-separated list runs one measured phase per rate, in
-    /// order, after a single initial load.
-    #[arg(long, value_delimiter = ',', default_value = "10000")]
-    pub rate: Vec<f64>,
-    /// Measured seconds per phase.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-    /// Seconds at the offered rate before measuring, per phase.
-    #[arg(long, default_value_t = 2.0)]
-    pub warmup: f64,
-    /// Dataflow worker threads.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
-    /// Epoch length of the open-loop feeder, in milliseconds.
-    #[arg(long, default_value_t = 5.0)]
-    pub batch_ms: f64,
-    /// The destination's `delivery.maxInFlight`.
-    #[arg(long, default_value_t = 256)]
-    pub max_in_flight: usize,
-    /// Write the report as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// After the `--rate` phases, search the highest rate whose p99 stays under `--p99-ms`.
-    #[arg(long)]
-    pub max: bool,
-    /// The p99 latency bound for `--max`, in milliseconds.
-    #[arg(long, default_value_t = 50.0)]
-    pub p99_ms: f64,
-    /// Measured seconds of each `--max` trial.
-    #[arg(long, default_value_t = 5.0)]
-    pub max_duration: f64,
-    /// Warm-up seconds of each `--max` trial.
-    #[arg(long, default_value_t = 1.0)]
-    pub max_warmup: f64,
-    /// The first rate `--max` tries (then doubles).
-    #[arg(long, default_value_t = 5000.0)]
-    pub max_start: f64,
-    /// Cut a `--rate` phase short once the feeder lags its schedule by more than SECS (the
-    /// phase is reported as aborted, with the events never pushed).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    pub max_lag: f64,
-    /// Events per epoch of the initial load; also the largest catch-up epoch.
-    #[arg(long, default_value_t = 20_000)]
-    pub load_batch: usize,
-    /// Epochs the feeder may run ahead of the egress hand-off.
-    #[arg(long, default_value_t = 64)]
-    pub window: u64,
-    /// Seed of the synthetic population and update stream.
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
-    /// Only run the receiver for SECS seconds (for `wrk`): prints its URL, then the count.
-    #[arg(long, value_name = "SECS")]
-    pub serve_only: Option<f64>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Report
-// ---------------------------------------------------------------------------------------------
-
-/// Percentiles of one histogram, in milliseconds.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub mean: f64,
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-impl Percentiles {
-    /// From a histogram of microseconds.
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Percentiles::default();
-        }
-        let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
-        Percentiles {
-            count: h.len(),
-            mean: (h.mean() / 1000.0 * 1000.0).round() / 1000.0,
-            p50: ms(h.value_at_quantile(0.5)),
-            p95: ms(h.value_at_quantile(0.95)),
-            p99: ms(h.value_at_quantile(0.99)),
-            p999: ms(h.value_at_quantile(0.999)),
-            max: ms(h.max()),
-        }
-    }
-}
-
-/// Where the time of a measured event goes, stage by stage (milliseconds).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Breakdown {
-    /// Scheduled time → its epoch pushed into the dataflow (per event).
-    pub ingest_wait: Percentiles,
-    /// Epoch pushed → completed at the export stream (per epoch).
-    pub dataflow_per_epoch: Percentiles,
-    /// Epoch completed → export accepted by the egress (per export).
-    pub queue_before_egress: Percentiles,
-    /// Submitted → delivered, HTTP round trip included (per export; the egress's histogram).
-    pub egress: Percentiles,
-}
-
-/// One measured phase at one offered rate.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct PhaseReport {
-    pub rate_offered: f64,
-    pub warmup_s: f64,
-    pub duration_s: f64,
-    /// Events scheduled in the measured window.
-    pub events_scheduled: u64,
-    /// Of those, pushed into the dataflow.
-    pub events_pushed: u64,
-    /// Epochs of the whole phase (warm-up included) and their mean size.
-    pub epochs: u64,
-    pub events_per_epoch: f64,
-    /// Events whose epoch completed in the dataflow during the measured window, per second.
-    pub achieved_events_per_s: f64,
-    /// Exports for measured events received by the endpoint.
-    pub exports: u64,
-    /// Requests received by the endpoint during the measured window, per second.
-    pub achieved_exports_per_s: f64,
-    /// Scheduled time of each event → receipt of its export at the endpoint.
-    pub latency_ms: Percentiles,
-    pub breakdown_ms: Breakdown,
-    /// Events scheduled more than two epoch lengths ago but not yet pushed, when the schedule
-    /// ended.
-    pub backlog_events: u64,
-    /// The largest such backlog during the phase.
-    pub max_backlog_events: u64,
-    /// The phase was cut short because the feeder lagged too far (`--max-lag`, or in a
-    /// `--max` trial `max(1 s, 4 × --p99-ms)`).
-    pub aborted: bool,
-    /// Scheduled events never pushed (only when aborted).
-    pub events_dropped: u64,
-    /// Process CPU seconds (user + system) from the start of the window until drained.
-    pub cpu_s: f64,
-    /// `cpu_s` per wall-clock second: cores busy on average.
-    pub cpu_cores: f64,
-    /// CPU seconds spent generating the synthetic JSON (the load generator, not streamdest).
-    pub generator_cpu_s: f64,
-    /// Receipts of warm-up exports, and of requests whose key gave no sequence number.
-    pub receipts_warmup: u64,
-    pub receipts_unmatched: u64,
-    /// p99 under the bound, no backlog, and at least 90 % of the offered rate achieved.
-    pub passed: bool,
-}
-
-/// The initial load.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct LoadReport {
-    pub profiles: u64,
-    pub events: u64,
-    pub epochs: u64,
-    pub seconds: f64,
-    pub events_per_s: f64,
-    /// Exports the load produced; discarded, not sent.
-    pub exports_discarded: u64,
-    pub rss_mib_after: f64,
-}
-
-/// The `--max` search.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct MaxReport {
-    pub p99_bound_ms: f64,
-    /// The highest offered rate that passed (0 when none did).
-    pub best_rate: f64,
-    /// That trial's achieved exports/s.
-    pub best_exports_per_s: f64,
-    pub trials: Vec<PhaseReport>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EgressTotals {
-    pub exports: u64,
-    pub delivered: u64,
-    pub dead_lettered: u64,
-    pub retried: u64,
-    pub pending: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Resources {
-    pub cpu_user_s: f64,
-    pub cpu_sys_s: f64,
-    pub peak_rss_mib: f64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Machine {
-    pub cores: usize,
-    pub loadavg_start: String,
-    pub loadavg_end: String,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Params {
-    pub profiles: u64,
-    pub audiences: usize,
-    pub relevant: f64,
-    pub workers: usize,
-    pub batch_ms: f64,
-    pub max_in_flight: usize,
-    pub window: u64,
-    pub load_batch: usize,
-    pub seed: u64,
-}
-
-/// The whole report, as written by `--json`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct BenchReport {
-    pub command: String,
-    pub date: String,
-    pub machine: Machine,
-    pub params: Params,
-    pub load: LoadReport,
-    pub runs: Vec<PhaseReport>,
-    pub max: Option<MaxReport>,
-    pub egress: EgressTotals,
-    /// Requests the endpoint received (retries included).
-    pub receiver_requests: u64,
-    pub resources: Resources,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measurement helpers
-// ---------------------------------------------------------------------------------------------
-
-fn new_histogram() -> Histogram<u64> {
+/// A histogram of microseconds.
+pub(super) fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 1 h at 3 significant digits; larger values saturate. Constant, valid bounds.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
+/// Locks `m`, also when a panicking thread poisoned it.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The ingest sequence number an `Idempotency-Key` ends with (`…-{seq:x}`).
-pub fn seq_of_key(key: &str) -> Option<u64> {
+fn seq_of_key(key: &str) -> Option<u64> {
     let (_, hex) = key.rsplit_once('-')?;
     u64::from_str_radix(hex, 16).ok()
 }
-
-/// Process CPU time (user, system) in seconds.
-pub fn cpu_times() -> (f64, f64) {
-    // SAFETY: `getrusage` only writes into the zeroed struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a `rusage`, RUSAGE_SELF is always valid.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return (0.0, 0.0);
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(usage.ru_utime), secs(usage.ru_stime))
-}
-
-/// This thread's CPU time in seconds.
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid pointer to a `timespec`; the clock id is a constant.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return 0.0;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
-/// A field of `/proc/self/status` in MiB (`VmRSS:`, `VmHWM:`); 0 where unavailable.
-pub fn proc_status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Peak resident memory in MiB: `VmHWM`, else `ru_maxrss`.
-pub fn peak_rss_mib() -> f64 {
-    let hwm = proc_status_mib("VmHWM:");
-    if hwm > 0.0 {
-        return hwm;
-    }
-    // SAFETY: as in `cpu_times`.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as in `cpu_times`.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0.0;
-    }
-    usage.ru_maxrss as f64 / 1024.0
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-// ---------------------------------------------------------------------------------------------
-// The engine: receiver + pipeline + egress, fed phase by phase
-// ---------------------------------------------------------------------------------------------
 
 /// The shape of an engine (what `bench` and `demo` choose).
 #[derive(Clone, Debug)]
@@ -471,6 +113,34 @@ struct PhaseState {
 }
 
 impl PhaseState {
+    /// A phase of `total` events from sequence number `base`, the first `warmup` not measured,
+    /// scheduled at `rate` events/s from `t0_us`; the measured window spans their schedule.
+    fn new(t0_us: u64, rate: f64, base: u64, warmup: u64, total: u64) -> Self {
+        let mut phase = PhaseState {
+            t0_us,
+            rate,
+            base,
+            warmup,
+            total,
+            window_start_us: 0,
+            window_end_us: AtomicU64::new(0),
+            latency: Mutex::new(new_histogram()),
+            dataflow: Mutex::new(new_histogram()),
+            queue: Mutex::new(new_histogram()),
+            receipts: AtomicU64::new(0),
+            receipts_measured: AtomicU64::new(0),
+            receipts_warmup: AtomicU64::new(0),
+            receipts_unmatched: AtomicU64::new(0),
+            receipts_in_window: AtomicU64::new(0),
+            events_completed_in_window: AtomicU64::new(0),
+        };
+        phase.window_start_us = phase.scheduled_us(warmup);
+        phase
+            .window_end_us
+            .store(phase.scheduled_us(total), Ordering::Relaxed);
+        phase
+    }
+
     /// When event `i` is scheduled, µs since the engine's origin.
     fn scheduled_us(&self, i: u64) -> u64 {
         self.t0_us + (i as f64 * 1e6 / self.rate) as u64
@@ -832,29 +502,7 @@ impl Engine {
         self.next_seq += total;
         let t0_us = self.shared.now_us() + 20_000;
         let batch_us = (self.options.batch.as_micros() as u64).max(100);
-        let mut phase = PhaseState {
-            t0_us,
-            rate: spec.rate,
-            base,
-            warmup: warmup_n,
-            total,
-            window_start_us: 0,
-            window_end_us: AtomicU64::new(0),
-            latency: Mutex::new(new_histogram()),
-            dataflow: Mutex::new(new_histogram()),
-            queue: Mutex::new(new_histogram()),
-            receipts: AtomicU64::new(0),
-            receipts_measured: AtomicU64::new(0),
-            receipts_warmup: AtomicU64::new(0),
-            receipts_unmatched: AtomicU64::new(0),
-            receipts_in_window: AtomicU64::new(0),
-            events_completed_in_window: AtomicU64::new(0),
-        };
-        phase.window_start_us = phase.scheduled_us(warmup_n);
-        phase
-            .window_end_us
-            .store(phase.scheduled_us(total), Ordering::Relaxed);
-        let phase = Arc::new(phase);
+        let phase = Arc::new(PhaseState::new(t0_us, spec.rate, base, warmup_n, total));
         self.shared.set_phase(Some(phase.clone()));
         self.shared.deliver.store(true, Ordering::Release);
 
@@ -1184,371 +832,6 @@ fn submit(
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// The command
-// ---------------------------------------------------------------------------------------------
-
-fn validate(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.profiles == 0 {
-        bail!("--profiles must be at least 1");
-    }
-    if !(0.0..=1.0).contains(&args.relevant) {
-        bail!("--relevant must be between 0 and 1");
-    }
-    if args.rate.is_empty() && !args.max {
-        bail!("give at least one --rate, or --max");
-    }
-    for &r in &args.rate {
-        if !(r.is_finite() && r > 0.0 && r <= 10_000_000.0) {
-            bail!("--rate {r}: must be a positive number of events per second (≤ 10M)");
-        }
-    }
-    for (name, v) in [
-        ("--duration", args.duration),
-        ("--max-duration", args.max_duration),
-        ("--batch-ms", args.batch_ms),
-        ("--p99-ms", args.p99_ms),
-        ("--max-start", args.max_start),
-        ("--max-lag", args.max_lag),
-    ] {
-        if !(v.is_finite() && v > 0.0) {
-            bail!("{name} must be a positive number");
-        }
-    }
-    for (name, v) in [("--warmup", args.warmup), ("--max-warmup", args.max_warmup)] {
-        if !(v.is_finite() && v >= 0.0) {
-            bail!("{name} must be zero or more");
-        }
-    }
-    if args.workers == 0 || args.workers > 256 {
-        bail!("--workers must be between 1 and 256");
-    }
-    Ok(())
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.clamp(0.0, 1e6))
-}
-
-/// Runs `streamdest bench`: prints the table, writes `--json`.
-pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    if let Some(seconds) = args.serve_only {
-        serve_only(seconds)?;
-        return Ok(BenchReport::default());
-    }
-    validate(args)?;
-    let loadavg_start = loadavg();
-    let synth = Synth {
-        profiles: args.profiles,
-        audiences: args.audiences,
-        relevant: args.relevant,
-        seed: args.seed,
-    };
-    let mut engine = Engine::start(EngineOptions {
-        synth,
-        workers: args.workers,
-        batch: Duration::from_secs_f64(args.batch_ms / 1000.0),
-        window: args.window,
-        max_in_flight: args.max_in_flight,
-        load_batch: args.load_batch,
-        keep_sample: false,
-    })?;
-    eprintln!(
-        "bench: loading {} profiles ({} events, epochs of {})",
-        args.profiles,
-        args.profiles * 2,
-        args.load_batch
-    );
-    let load = engine.load(|done, total, elapsed| {
-        eprintln!(
-            "bench: load {done}/{total} events, {:.1} s, {:.0} events/s, RSS {:.0} MiB",
-            elapsed.as_secs_f64(),
-            done as f64 / elapsed.as_secs_f64().max(1e-9),
-            proc_status_mib("VmRSS:")
-        );
-    })?;
-
-    let mut runs = Vec::new();
-    for &rate in &args.rate {
-        let spec = PhaseSpec {
-            rate,
-            warmup: secs(args.warmup),
-            duration: secs(args.duration),
-            abort_lag: Some(secs(args.max_lag)),
-            p99_bound_ms: args.p99_ms,
-        };
-        eprintln!(
-            "bench: {rate:.0} events/s for {} s (+{} s warm-up)",
-            args.duration, args.warmup
-        );
-        let report = engine.run_phase(&spec, |_| {})?;
-        eprintln!("bench:   {}", one_line(&report));
-        runs.push(report);
-    }
-    let max = if args.max {
-        Some(search_max(&mut engine, args)?)
-    } else {
-        None
-    };
-
-    let egress = engine.egress_totals();
-    let receiver_requests = engine.receiver_requests();
-    engine.finish()?;
-    let (user, sys) = cpu_times();
-    let report = BenchReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        machine: Machine {
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            loadavg_start,
-            loadavg_end: loadavg(),
-        },
-        params: Params {
-            profiles: args.profiles,
-            audiences: args.audiences,
-            relevant: args.relevant,
-            workers: args.workers,
-            batch_ms: args.batch_ms,
-            max_in_flight: args.max_in_flight,
-            window: args.window,
-            load_batch: args.load_batch,
-            seed: args.seed,
-        },
-        load,
-        runs,
-        max,
-        egress,
-        receiver_requests,
-        resources: Resources {
-            cpu_user_s: round2(user),
-            cpu_sys_s: round2(sys),
-            peak_rss_mib: round2(peak_rss_mib()),
-        },
-    };
-    print_table(&report, &mut std::io::stdout().lock())?;
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(report)
-}
-
-fn search_max(engine: &mut Engine, args: &BenchArgs) -> anyhow::Result<MaxReport> {
-    let bound = args.p99_ms;
-    let abort_lag = Duration::from_secs_f64((4.0 * bound / 1000.0).max(1.0));
-    let mut trials: Vec<PhaseReport> = Vec::new();
-    let mut trial = |engine: &mut Engine, rate: f64| -> anyhow::Result<bool> {
-        eprintln!("bench: --max trial at {rate:.0} events/s");
-        let report = engine.run_phase(
-            &PhaseSpec {
-                rate,
-                warmup: secs(args.max_warmup),
-                duration: secs(args.max_duration),
-                abort_lag: Some(abort_lag),
-                p99_bound_ms: bound,
-            },
-            |_| {},
-        )?;
-        eprintln!("bench:   {}", one_line(&report));
-        let passed = report.passed;
-        trials.push(report);
-        Ok(passed)
-    };
-    let mut lo = 0.0f64;
-    let mut hi: Option<f64> = None;
-    let mut rate = args.max_start;
-    for _ in 0..8 {
-        if trial(engine, rate)? {
-            lo = rate;
-            rate *= 2.0;
-        } else {
-            hi = Some(rate);
-            break;
-        }
-    }
-    if let Some(mut hi) = hi {
-        for _ in 0..5 {
-            if hi - lo <= (0.05 * hi).max(250.0) {
-                break;
-            }
-            let mid = ((lo + hi) / 2.0 / 100.0).round() * 100.0;
-            if trial(engine, mid)? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-    }
-    let best = trials
-        .iter()
-        .filter(|t| t.passed && t.rate_offered == lo)
-        .map(|t| t.achieved_exports_per_s)
-        .next()
-        .unwrap_or(0.0);
-    Ok(MaxReport {
-        p99_bound_ms: bound,
-        best_rate: lo,
-        best_exports_per_s: best,
-        trials,
-    })
-}
-
-fn one_line(r: &PhaseReport) -> String {
-    format!(
-        "offered {:.0}/s achieved {:.0} ev/s, {:.0} exports/s; latency p50 {:.1} p99 {:.1} max {:.1} ms; backlog {}{}; cpu {:.2} cores{}",
-        r.rate_offered,
-        r.achieved_events_per_s,
-        r.achieved_exports_per_s,
-        r.latency_ms.p50,
-        r.latency_ms.p99,
-        r.latency_ms.max,
-        r.backlog_events,
-        if r.aborted {
-            " (aborted: fell behind)"
-        } else {
-            ""
-        },
-        r.cpu_cores,
-        if r.passed { "" } else { " — FAIL" },
-    )
-}
-
-fn ms_cell(p: &Percentiles) -> String {
-    format!("{:.1} / {:.1} / {:.1}", p.p50, p.p99, p.max)
-}
-
-/// Writes the human-readable report.
-pub fn print_table(r: &BenchReport, out: &mut impl Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "streamdest bench: {} profiles, {} audiences, relevant {}, {} workers, batch {} ms, maxInFlight {}",
-        r.params.profiles,
-        r.params.audiences,
-        r.params.relevant,
-        r.params.workers,
-        r.params.batch_ms,
-        r.params.max_in_flight
-    )?;
-    writeln!(
-        out,
-        "machine: {} cores, load average {} at start, {} at end",
-        r.machine.cores, r.machine.loadavg_start, r.machine.loadavg_end
-    )?;
-    writeln!(
-        out,
-        "initial load: {} events in {:.1} s ({:.0} events/s), {} exports discarded, RSS after {:.0} MiB",
-        r.load.events,
-        r.load.seconds,
-        r.load.events_per_s,
-        r.load.exports_discarded,
-        r.load.rss_mib_after
-    )?;
-    let mut rows: Vec<(&str, &PhaseReport)> = r.runs.iter().map(|p| ("", p)).collect();
-    if let Some(max) = &r.max {
-        rows.extend(max.trials.iter().map(|p| ("max trial", p)));
-    }
-    writeln!(out)?;
-    writeln!(
-        out,
-        "| offered ev/s | achieved ev/s | exports/s | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms | backlog | CPU cores | |"
-    )?;
-    writeln!(
-        out,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    )?;
-    for (label, p) in &rows {
-        let l = &p.latency_ms;
-        writeln!(
-            out,
-            "| {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {}{}{} |",
-            p.rate_offered,
-            p.achieved_events_per_s,
-            p.achieved_exports_per_s,
-            l.p50,
-            l.p95,
-            l.p99,
-            l.p999,
-            l.max,
-            p.backlog_events,
-            p.cpu_cores,
-            label,
-            if p.aborted { " aborted" } else { "" },
-            if p.passed { " ok" } else { " FAIL" },
-        )?;
-    }
-    writeln!(out)?;
-    writeln!(out, "where the time goes (ms, p50 / p99 / max):")?;
-    writeln!(
-        out,
-        "| offered ev/s | ingest wait | dataflow per epoch | queue before egress | egress (HTTP) | events/epoch |"
-    )?;
-    writeln!(out, "|---:|---|---|---|---|---:|")?;
-    for (_, p) in &rows {
-        let b = &p.breakdown_ms;
-        writeln!(
-            out,
-            "| {:.0} | {} | {} | {} | {} | {:.0} |",
-            p.rate_offered,
-            ms_cell(&b.ingest_wait),
-            ms_cell(&b.dataflow_per_epoch),
-            ms_cell(&b.queue_before_egress),
-            ms_cell(&b.egress),
-            p.events_per_epoch
-        )?;
-    }
-    writeln!(out)?;
-    if let Some(max) = &r.max {
-        writeln!(
-            out,
-            "max: {:.0} events/s offered with p99 ≤ {} ms ({:.0} exports/s)",
-            max.best_rate, max.p99_bound_ms, max.best_exports_per_s
-        )?;
-    }
-    writeln!(
-        out,
-        "egress: {} exports, {} delivered, {} dead-lettered, {} retried; endpoint received {} requests",
-        r.egress.exports,
-        r.egress.delivered,
-        r.egress.dead_lettered,
-        r.egress.retried,
-        r.receiver_requests
-    )?;
-    writeln!(
-        out,
-        "resources: CPU {:.1} s user + {:.1} s system; peak RSS {:.0} MiB",
-        r.resources.cpu_user_s, r.resources.cpu_sys_s, r.resources.peak_rss_mib
-    )?;
-    Ok(())
-}
-
-/// `--serve-only SECS`: the receiver alone, for `wrk`.
-fn serve_only(seconds: f64) -> anyhow::Result<()> {
-    if !(seconds.is_finite() && seconds > 0.0) {
-        bail!("--serve-only needs a positive number of seconds");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let receiver = runtime
-        .block_on(Receiver::start(ReceiverOptions::default()))
-        .context("starting the receiver")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "receiver listening on {}", receiver.url("/ingest"))?;
-    out.flush()?;
-    let start = Instant::now();
-    std::thread::sleep(secs(seconds));
-    let requests = receiver.requests();
-    writeln!(
-        out,
-        "receiver: {requests} requests in {:.1} s",
-        start.elapsed().as_secs_f64()
-    )?;
-    let _enter = runtime.enter();
-    receiver.shutdown();
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1597,16 +880,5 @@ mod tests {
         assert_eq!(phase.receipts_warmup.load(Ordering::Relaxed), 1);
         assert_eq!(phase.receipts_unmatched.load(Ordering::Relaxed), 2);
         assert_eq!(phase.receipts_in_window.load(Ordering::Relaxed), 4);
-    }
-
-    #[test]
-    fn percentiles_are_ordered() {
-        let mut h = new_histogram();
-        for v in 1..=10_000u64 {
-            h.record(v * 3).unwrap();
-        }
-        let p = Percentiles::of(&h);
-        assert!(p.p50 <= p.p95 && p.p95 <= p.p99 && p.p99 <= p.p999 && p.p999 <= p.max);
-        assert_eq!(p.count, 10_000);
     }
 }
