@@ -243,12 +243,18 @@ impl Update {
                     identities.into_iter().map(|(i, _)| i).collect();
                 identities.sort();
                 identities.dedup();
+                // Held for the fragment's life: no spare capacity (an in-place collect keeps
+                // the larger allocation of its source).
+                identities.shrink_to_fit();
                 // Projection: leaves that no rule or mapping reads never reach an export.
                 let leaves: Vec<(Path, Leaf)> = flatten(&attributes)
                     .into_iter()
                     .filter(|(path, _)| plan.reads(path))
                     .map(|(path, leaf)| (intern(&path), leaf))
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect::<Box<[_]>>()
+                    .into_vec();
                 let mut mapped: Vec<u16> = leaves
                     .iter()
                     .flat_map(|(p, _)| plan.mapped_indices_of(p))

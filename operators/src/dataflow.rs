@@ -40,7 +40,7 @@ use crate::input::{
 };
 use crate::link::{AtIdentity, Role, ToProfile, link};
 use crate::plan::{AudienceIdx, Plan, Stitching};
-use crate::stitch::{ArrangedFragments, stitch};
+use crate::stitch::{ArrangedIdentities, stitch};
 use crate::upsert::{FragmentMark, upsert};
 use crate::view::{Member, views};
 
@@ -93,7 +93,6 @@ pub fn build<'s>(
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
 
     let (fragments, fragment_marks) = upsert(fragment_writes);
-    let arranged = fragments.clone().arrange_by_key_named("Fragments");
     let uploads = uploads(upload_writes.clone());
 
     let candidates: Vec<_> = plan
@@ -105,7 +104,6 @@ pub fn build<'s>(
                 kind,
                 Sources {
                     fragments: fragments.clone(),
-                    arranged: arranged.clone(),
                     fragment_marks: fragment_marks.clone(),
                     uploads: uploads.clone(),
                     upload_writes: upload_writes.clone(),
@@ -123,7 +121,6 @@ pub fn build<'s>(
 /// What every stitching reads.
 struct Sources<'s> {
     fragments: Coll<'s, (FragKey, FragRef)>,
-    arranged: ArrangedFragments<'s>,
     fragment_marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
     upload_writes: Stream<'s, Epoch, Vec<UploadRecord>>,
@@ -149,17 +146,19 @@ fn profiles<'s>(
     kind: Stitching,
     sources: Sources<'s>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
-    let stitched = stitch(kind, sources.fragments, sources.arranged);
+    let stitched = stitch(kind, sources.fragments);
     let mut members = stitched
         .fragments
         .map(|(profile, f)| (profile, Member::Fragment(f)));
     if plan.has_uploads(kind) {
-        members = members.concat(uploaded(
-            &plan,
-            kind,
-            sources.uploads,
-            stitched.identities.clone(),
-        ));
+        let identities = match stitched.arranged {
+            Some(arranged) => arranged,
+            None => stitched
+                .identities
+                .clone()
+                .arrange_by_key_named("IdentityProfiles"),
+        };
+        members = members.concat(uploaded(&plan, kind, sources.uploads, identities));
     }
     let views = views(plan.clone(), kind, members)
         .inner
@@ -188,20 +187,18 @@ fn uploaded<'s>(
     plan: &Arc<Plan>,
     kind: Stitching,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
-    identities: Coll<'s, (IdKey, ProfileKey)>,
+    identities: ArrangedIdentities<'s>,
 ) -> Coll<'s, (ProfileKey, Member)> {
     let plan = plan.clone();
     let of_kind = move |(_, a): &(IdKey, AudienceIdx)| {
         plan.policies[plan.audiences[*a as usize].policy as usize].stitching == kind
     };
-    identities
-        .arrange_by_key_named("IdentityProfiles")
-        .join_core(
-            uploads
-                .filter(of_kind)
-                .arrange_by_key_named("UploadsOfKind"),
-            |_, profile, audience| Some((*profile, Member::Upload(*audience))),
-        )
+    identities.join_core(
+        uploads
+            .filter(of_kind)
+            .arrange_by_key_named("UploadsOfKind"),
+        |_, profile, audience| Some((*profile, Member::Upload(*audience))),
+    )
 }
 
 type ToLinker<'s> = Stream<'s, Epoch, Vec<(IdKey, AtIdentity, Epoch)>>;

@@ -68,21 +68,46 @@ pub enum ToProfile {
     },
 }
 
-/// The profiles holding one identity, with multiplicities (one under `privateGraph`).
-#[derive(Clone, Debug, Default)]
-struct Holders(Vec<(ProfileKey, isize)>);
+/// The profiles holding one identity, with multiplicities: one profile under `privateGraph`
+/// (kept inline, as nearly every identity has one), possibly several under `none`.
+#[derive(Clone, Debug)]
+enum Holders {
+    One(ProfileKey, isize),
+    Many(Vec<(ProfileKey, isize)>),
+}
 
 impl Holders {
-    fn profiles(&self) -> impl Iterator<Item = ProfileKey> + '_ {
-        self.0.iter().filter(|(_, n)| *n > 0).map(|(p, _)| *p)
+    fn profiles(&self) -> Vec<ProfileKey> {
+        match self {
+            Holders::One(p, n) if *n > 0 => vec![*p],
+            Holders::One(..) => Vec::new(),
+            Holders::Many(all) => all
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(p, _)| *p)
+                .collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Holders::One(_, 0)) || matches!(self, Holders::Many(all) if all.is_empty())
     }
 
     fn update(&mut self, profile: ProfileKey, diff: isize) {
-        match self.0.iter_mut().find(|(p, _)| *p == profile) {
-            Some(slot) => slot.1 += diff,
-            None => self.0.push((profile, diff)),
+        match self {
+            Holders::One(p, n) if *p == profile || *n == 0 => {
+                *n = if *p == profile { *n + diff } else { diff };
+                *p = profile;
+            }
+            Holders::One(p, n) => *self = Holders::Many(vec![(*p, *n), (profile, diff)]),
+            Holders::Many(all) => {
+                match all.iter_mut().find(|(p, _)| *p == profile) {
+                    Some(slot) => slot.1 += diff,
+                    None => all.push((profile, diff)),
+                }
+                all.retain(|(_, n)| *n != 0);
+            }
         }
-        self.0.retain(|(_, n)| *n != 0);
     }
 }
 
@@ -119,19 +144,19 @@ pub fn link<'s>(
                     // Where each changed identity was before the epoch.
                     let mut before: FxHashMap<IdKey, Vec<ProfileKey>> = FxHashMap::default();
                     for (identity, deltas) in changes {
-                        let holders = index.entry(identity).or_default();
-                        let was: Vec<ProfileKey> = holders.profiles().collect();
+                        let holders = index.entry(identity).or_insert(Holders::One(0, 0));
+                        let was: Vec<ProfileKey> = holders.profiles();
                         for (profile, diff) in deltas {
                             holders.update(profile, diff);
                         }
                         if links {
                             for &a in &was {
-                                for b in holders.profiles().filter(|b| *b != a) {
+                                for b in holders.profiles().into_iter().filter(|b| *b != a) {
                                     session.give((a, ToProfile::Successor(b), epoch));
                                 }
                             }
                         }
-                        if holders.0.is_empty() {
+                        if holders.is_empty() {
                             index.remove(&identity);
                         }
                         before.insert(identity, was);
@@ -139,7 +164,7 @@ pub fn link<'s>(
                     let now = |identity: &IdKey| -> Vec<ProfileKey> {
                         index
                             .get(identity)
-                            .map(|h| h.profiles().collect())
+                            .map(Holders::profiles)
                             .unwrap_or_default()
                     };
                     for (identity, message) in marks {

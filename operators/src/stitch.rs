@@ -1,12 +1,12 @@
 //! Identity stitching: which profile each fragment belongs to, and each identity.
 //!
-//! `privateGraph` is incremental connected components over the bipartite graph of fragments and
-//! identities: a fragment links every identity it holds, and a profile is a component, named by
-//! its smallest identity key (identity keys have the top bit clear, fragment keys set, so the
-//! minimum label is always an identity). Label propagation handles merges and splits alike: when
-//! a fragment is deleted or re-upserted without a linking identity, the labels that flowed
-//! through it are retracted and the parts settle on their own minima. An attribute-only write
-//! retracts and re-inserts the same edges, which cancel before the components see them.
+//! `privateGraph` is incremental connected components over the identities: a fragment links the
+//! identities it holds, and a profile is a component, named by its smallest identity key; a
+//! fragment belongs to the component of its identities. Label propagation handles merges and
+//! splits alike: when a fragment is deleted or re-upserted without a linking identity, the
+//! labels that flowed through it are retracted and the parts settle on their own minima. An
+//! attribute-only write retracts and re-inserts the same edges, which cancel before the
+//! components see them.
 //!
 //! `none` puts each fragment in the profile of its primary identity, with no arrangement at all.
 
@@ -18,10 +18,11 @@ use differential_dataflow::trace::implementations::ValSpine;
 use crate::input::{Epoch, FragKey, FragRef, IdKey, ProfileKey};
 use crate::plan::Stitching;
 
-/// The fragments, arranged by key.
-pub type ArrangedFragments<'s> = Arranged<'s, TraceAgent<ValSpine<FragKey, FragRef, Epoch, isize>>>;
-
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
+
+/// `(identity, profile)` pairs, arranged by identity.
+pub type ArrangedIdentities<'s> =
+    Arranged<'s, TraceAgent<ValSpine<IdKey, ProfileKey, Epoch, isize>>>;
 
 /// A stitching's view of the fragments.
 pub struct Stitched<'s> {
@@ -30,14 +31,12 @@ pub struct Stitched<'s> {
     /// Each identity's profile(s): one under `privateGraph`; under `none`, one pair per
     /// fragment holding the identity, so a pair's multiplicity counts those fragments.
     pub identities: Coll<'s, (IdKey, ProfileKey)>,
+    /// The same, arranged, where stitching arranged it anyway.
+    pub arranged: Option<ArrangedIdentities<'s>>,
 }
 
 /// The profiles of `kind`.
-pub fn stitch<'s>(
-    kind: Stitching,
-    fragments: Coll<'s, (FragKey, FragRef)>,
-    arranged: ArrangedFragments<'s>,
-) -> Stitched<'s> {
+pub fn stitch<'s>(kind: Stitching, fragments: Coll<'s, (FragKey, FragRef)>) -> Stitched<'s> {
     match kind {
         Stitching::None => Stitched {
             fragments: fragments
@@ -50,32 +49,51 @@ pub fn stitch<'s>(
                     .map(|i| (i.key(), profile))
                     .collect::<Vec<_>>()
             }),
+            arranged: None,
         },
         Stitching::PrivateGraph => {
-            let labels = components(fragments);
-            let fragment_profile = labels
-                .clone()
-                .filter(|(node, _)| node >> 63 == 1)
-                .arrange_by_key_named("FragmentProfile");
+            let labels = components(fragments.clone()).arrange_by_key_named("IdentityProfile");
+            // A fragment lies in the component of any of its identities: its anchor, the first.
+            let by_anchor = fragments
+                .map(|(_, f): (FragKey, FragRef)| (anchor(&f), f))
+                .arrange_by_key_named("FragmentsByAnchor");
             Stitched {
-                fragments: fragment_profile
-                    .join_core(arranged, |_, profile, f| Some((*profile, f.clone()))),
-                identities: labels.filter(|(node, _)| node >> 63 == 0),
+                fragments: labels
+                    .clone()
+                    .join_core(by_anchor, |_, profile, f| Some((*profile, f.clone()))),
+                identities: labels.clone().as_collection(|i, p| (*i, *p)),
+                arranged: Some(labels),
             }
         }
     }
 }
 
-/// `(node, component)` for every fragment and identity node: the component is named by its
-/// smallest identity key.
-pub fn components<'s>(fragments: Coll<'s, (FragKey, FragRef)>) -> Coll<'s, (u64, ProfileKey)> {
-    let edges = fragments.flat_map(|(key, f): (FragKey, FragRef)| {
+/// A fragment's first identity (a fragment holds at least one).
+fn anchor(f: &FragRef) -> IdKey {
+    f.identities.first().map_or(0, |i| i.key())
+}
+
+/// `(identity, component)` for every identity some fragment holds: the connected components
+/// of the graph in which each fragment links its identities, as a star around its anchor, and
+/// the component is named by its smallest identity key.
+///
+/// Edges and seeds keep their multiplicities (two fragments may link the same pair): label
+/// propagation takes the least label present, which multiplicities do not change, so no
+/// `distinct` is needed.
+pub fn components<'s>(fragments: Coll<'s, (FragKey, FragRef)>) -> Coll<'s, (IdKey, ProfileKey)> {
+    let edges = fragments.clone().flat_map(|(_, f): (FragKey, FragRef)| {
+        let hub = anchor(&f);
         f.identities
             .iter()
-            .map(|i| (key, i.key()))
+            .skip(1)
+            .flat_map(|i| [(hub, i.key()), (i.key(), hub)])
             .collect::<Vec<_>>()
     });
-    let undirected = edges.clone().concat(edges.clone().map(|(f, i)| (i, f)));
-    let seeds = edges.map(|(_, i)| i).distinct().map(|i| (i, i));
-    propagate(undirected, seeds)
+    let seeds = fragments.flat_map(|(_, f): (FragKey, FragRef)| {
+        f.identities
+            .iter()
+            .map(|i| (i.key(), i.key()))
+            .collect::<Vec<_>>()
+    });
+    propagate(edges, seeds)
 }
