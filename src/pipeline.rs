@@ -56,6 +56,8 @@ enum WorkerMsg {
 /// A running dataflow.
 pub struct Pipeline {
     senders: Vec<Sender<WorkerMsg>>,
+    /// The local workers' threads, unparked when an epoch is sent.
+    threads: Vec<std::thread::Thread>,
     guards: Option<timely::communication::WorkerGuards<()>>,
     peers: usize,
     first_local: usize,
@@ -120,6 +122,8 @@ impl Pipeline {
         let receivers = Arc::new(std::sync::Mutex::new(
             receivers.into_iter().map(Some).collect::<Vec<_>>(),
         ));
+        let (threads_tx, threads_rx) =
+            crossbeam_channel::unbounded::<(usize, std::thread::Thread)>();
 
         let guards = timely::execute(timely_config, move |worker| {
             let local = worker.index() - first_local;
@@ -129,6 +133,7 @@ impl Pipeline {
                 .and_then(|mut r| r.get_mut(local).and_then(Option::take))
                 .expect("each local worker takes its own channel once");
             let completed_tx = completed_tx.clone();
+            let threads_tx = threads_tx.clone();
             let plan = plan.clone();
             let index = worker.index();
             let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
@@ -138,25 +143,52 @@ impl Pipeline {
                 });
                 inputs
             });
+            let _ = threads_tx.send((local, std::thread::current()));
             loop {
-                match rx.try_recv() {
-                    Ok(WorkerMsg::Epoch(epoch, data)) => {
-                        inputs.push(epoch, data);
-                        worker.step();
+                // Take every epoch that is waiting, then step once for all of them: small
+                // epochs share the progress rounds instead of paying one each.
+                let mut received = false;
+                let mut closed = false;
+                loop {
+                    match rx.try_recv() {
+                        Ok(WorkerMsg::Epoch(epoch, data)) => {
+                            inputs.push(epoch, data);
+                            received = true;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
                     }
-                    Err(TryRecvError::Empty) => {
-                        worker.step_or_park(Some(Duration::from_millis(1)));
-                    }
-                    Err(TryRecvError::Disconnected) => break,
+                }
+                if closed {
+                    break;
+                }
+                if received {
+                    worker.step();
+                } else {
+                    // The feeder unparks this thread when it sends; the timeout is a backstop.
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                 }
             }
             // Dropping the inputs closes them; timely then runs the dataflow to completion.
         })
         .map_err(|e| anyhow!("starting timely workers: {e}"))?;
 
+        let mut threads: Vec<Option<std::thread::Thread>> = vec![None; workers];
+        for _ in 0..workers {
+            let (local, thread) = threads_rx
+                .recv()
+                .map_err(|_| anyhow!("a dataflow worker failed to start"))?;
+            if let Some(slot) = threads.get_mut(local) {
+                *slot = Some(thread);
+            }
+        }
         let (acks_tx, acks_rx) = crossbeam_channel::unbounded();
         let pipeline = Pipeline {
             senders,
+            threads: threads.into_iter().flatten().collect(),
             guards: Some(guards),
             peers,
             first_local,
@@ -206,6 +238,9 @@ impl Pipeline {
                 .send(WorkerMsg::Epoch(epoch, share))
                 .map_err(|_| anyhow!("a dataflow worker stopped"))?;
         }
+        for thread in &self.threads {
+            thread.unpark();
+        }
         self.next += 1;
         Ok(epoch)
     }
@@ -222,6 +257,9 @@ impl Pipeline {
     /// Closes the inputs and waits for the workers to finish the dataflow.
     pub fn finish(mut self) -> anyhow::Result<()> {
         self.senders.clear();
+        for thread in &self.threads {
+            thread.unpark();
+        }
         if let Some(guards) = self.guards.take() {
             for result in guards.join() {
                 result.map_err(|e| anyhow!("dataflow worker failed: {e}"))?;
