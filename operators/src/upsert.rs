@@ -53,14 +53,15 @@ pub struct FragmentMark {
 }
 
 type Change = ((FragKey, FragRef), Epoch, isize);
+/// The fragments collection: each fragment's current version.
+pub type Fragments<'s> = VecCollection<'s, Epoch, (FragKey, FragRef), isize>;
+/// Each epoch's fragment marks, with their epochs.
+pub type FragmentMarks<'s> = Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>;
 
 /// Applies the writes; returns the fragments collection and the marks.
 pub fn upsert<'s>(
     writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>,
-) -> (
-    VecCollection<'s, Epoch, (FragKey, FragRef), isize>,
-    Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
-) {
+) -> (Fragments<'s>, FragmentMarks<'s>) {
     let both = writes.unary_frontier::<CapacityContainerBuilder<Vec<Result<Change, (FragmentMark, Epoch)>>>, _, _, _>(
         Exchange::new(|(key, _): &(FragKey, FragmentWrite)| *key),
         "Upsert",

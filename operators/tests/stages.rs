@@ -1,0 +1,521 @@
+//! Each stage of the dataflow, run in-process on its own and checked against a from-scratch
+//! computation (the whole dataflow is checked against a reference model in the binary's
+//! `tests/model.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use differential_dataflow::input::Input as _;
+use timely::dataflow::operators::capture::{Capture, Extract};
+use timely::dataflow::operators::core::input::Input as _;
+
+use streamdest_operators::export::{Membership, Status};
+use streamdest_operators::history::step::{self, Record};
+use streamdest_operators::input::{
+    Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
+};
+use streamdest_operators::intern::intern;
+use streamdest_operators::link::{AtIdentity, Role, ToProfile, link};
+use streamdest_operators::plan::{
+    AttributeMerge, AudienceKind, AudiencePlan, Plan, PolicyPlan, Stitching,
+};
+use streamdest_operators::stitch::components;
+use streamdest_operators::upsert::{Anchor, upsert};
+use streamdest_operators::view::{PolicyView, ProfileView};
+
+/// A deterministic SplitMix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn identity(n: u64) -> Identity {
+    Identity::new("ns", &format!("i{n}"))
+}
+
+fn fragment(key: FragKey, identities: &[u64], seq: u64, mapped: Vec<u16>) -> Arc<Fragment> {
+    let mut identities: Vec<Identity> = identities.iter().map(|&i| identity(i)).collect();
+    identities.sort();
+    identities.dedup();
+    Arc::new(Fragment {
+        key,
+        dataset: intern("d"),
+        identities,
+        primary: 0,
+        leaves: Vec::new(),
+        ts: seq as i64,
+        seq,
+        mapped,
+    })
+}
+
+/// The updates of a captured stream, accumulated up to and including each epoch.
+fn accumulate<D: Ord + Clone>(
+    captured: Vec<(Epoch, Vec<(D, Epoch, isize)>)>,
+    epochs: Epoch,
+) -> Vec<BTreeMap<D, isize>> {
+    let mut at: BTreeMap<Epoch, Vec<(D, isize)>> = BTreeMap::new();
+    for (_, updates) in captured {
+        for (d, t, r) in updates {
+            at.entry(t).or_default().push((d, r));
+        }
+    }
+    let mut state: BTreeMap<D, isize> = BTreeMap::new();
+    (0..epochs)
+        .map(|t| {
+            for (d, r) in at.remove(&t).unwrap_or_default() {
+                *state.entry(d.clone()).or_default() += r;
+            }
+            state.retain(|_, r| *r != 0);
+            state.clone()
+        })
+        .collect()
+}
+
+/// Every record a captured stream carried (for data that does not order, unlike `extract`).
+fn messages<D>(
+    captured: std::sync::mpsc::Receiver<timely::dataflow::operators::capture::Event<Epoch, Vec<D>>>,
+) -> Vec<D> {
+    captured
+        .try_iter()
+        .flat_map(|event| match event {
+            timely::dataflow::operators::capture::Event::Messages(_, data) => data,
+            timely::dataflow::operators::capture::Event::Progress(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// From scratch: each identity's component, named by its smallest identity key.
+fn union_find(fragments: &BTreeMap<FragKey, Arc<Fragment>>) -> BTreeMap<IdKey, ProfileKey> {
+    let mut parent: BTreeMap<IdKey, IdKey> = BTreeMap::new();
+    fn find(parent: &mut BTreeMap<IdKey, IdKey>, x: IdKey) -> IdKey {
+        let p = parent[&x];
+        if p == x {
+            return x;
+        }
+        let root = find(parent, p);
+        parent.insert(x, root);
+        root
+    }
+    for f in fragments.values() {
+        for i in &f.identities {
+            parent.entry(i.key()).or_insert(i.key());
+        }
+        for pair in f.identities.windows(2) {
+            let (a, b) = (
+                find(&mut parent, pair[0].key()),
+                find(&mut parent, pair[1].key()),
+            );
+            // The smaller key stays the root, so a root is its component's minimum.
+            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+            parent.insert(hi, lo);
+        }
+    }
+    let keys: Vec<IdKey> = parent.keys().copied().collect();
+    keys.into_iter()
+        .map(|k| (k, find(&mut parent, k)))
+        .collect()
+}
+
+#[test]
+fn components_match_union_find_through_merges_splits_and_deletes() {
+    let epochs = 60;
+    let mut rng = Rng(7);
+    let mut history = Vec::new();
+    let mut current: BTreeMap<FragKey, Arc<Fragment>> = BTreeMap::new();
+    let mut expected = Vec::new();
+    let (mut merges, mut splits) = (0, 0);
+    for t in 0..epochs {
+        let mut writes = Vec::new();
+        for _ in 0..3 {
+            let key = rng.below(12) | (1 << 63);
+            let old = current.get(&key).cloned();
+            let before = union_find(&current).values().collect::<BTreeSet<_>>().len();
+            if rng.below(4) == 0 {
+                current.remove(&key);
+            } else {
+                let ids: Vec<u64> = (0..1 + rng.below(3)).map(|_| rng.below(16)).collect();
+                current.insert(
+                    key,
+                    fragment(key, &ids, t * 10 + writes.len() as u64, vec![]),
+                );
+            }
+            let after = union_find(&current).values().collect::<BTreeSet<_>>().len();
+            merges += usize::from(after < before);
+            splits += usize::from(after > before && old.is_some());
+            writes.push((key, old, current.get(&key).cloned()));
+        }
+        history.push(writes);
+        expected.push(union_find(&current));
+    }
+    assert!(
+        merges > 5 && splits > 5,
+        "the history merges ({merges}) and splits ({splits})"
+    );
+
+    let captured = timely::execute_directly(move |worker| {
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, fragments) = scope.new_collection::<(FragKey, FragRef), isize>();
+            (input, components(fragments).inner.capture())
+        });
+        for (t, writes) in history.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for (key, old, new) in writes {
+                if let Some(old) = old {
+                    input.remove((key, FragRef(old)));
+                }
+                if let Some(new) = new {
+                    input.insert((key, FragRef(new)));
+                }
+            }
+        }
+        input.close();
+        while worker.step() {}
+        captured
+    });
+    let actual = accumulate(captured.extract(), epochs);
+    for (t, (expected, actual)) in expected.iter().zip(&actual).enumerate() {
+        let actual: BTreeMap<IdKey, ProfileKey> = actual
+            .iter()
+            .map(|(&(i, p), &r)| {
+                assert_eq!(r, 1, "epoch {t}: ({i}, {p}) has multiplicity {r}");
+                (i, p)
+            })
+            .collect();
+        assert_eq!(&actual, expected, "epoch {t}");
+    }
+}
+
+#[test]
+fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
+    let v1 = fragment(1 << 63, &[1, 2], 1, vec![0, 3]);
+    let v2 = fragment(1 << 63, &[5], 2, vec![1]);
+    let writes = vec![
+        vec![(
+            v1.key,
+            FragmentWrite {
+                value: Some(v1.clone()),
+                mark: Mark::new(10, 1, vec![0, 3]),
+            },
+        )],
+        vec![(
+            v2.key,
+            FragmentWrite {
+                value: Some(v2.clone()),
+                mark: Mark::new(20, 2, vec![1]),
+            },
+        )],
+        vec![(
+            v2.key,
+            FragmentWrite {
+                value: None,
+                mark: Mark::new(30, 3, vec![]),
+            },
+        )],
+    ];
+    let (changes, marks) = timely::execute_directly(move |worker| {
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
+            let (fragments, marks) = upsert(writes);
+            (input, (fragments.inner.capture(), marks.capture()))
+        });
+        for (t, epoch) in writes.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for w in epoch {
+                input.send(w);
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        captured
+    });
+    let states = accumulate(changes.extract(), 3);
+    let seqs = |t: usize| states[t].keys().map(|(_, f)| f.seq).collect::<Vec<_>>();
+    assert_eq!((seqs(0), seqs(1), seqs(2)), (vec![1], vec![2], vec![]));
+
+    let mut marks = messages(marks);
+    marks.sort_by_key(|(_, t)| *t);
+    let anchor = |f: &Fragment| Anchor::of(f);
+    assert_eq!(marks[0].0.before, None);
+    assert_eq!(marks[0].0.after, Some(anchor(&v1)));
+    // The second version removes paths 0 and 3, which the first held.
+    assert_eq!(marks[1].0.mark, Mark::new(20, 2, vec![0, 1, 3]));
+    assert_eq!(
+        (marks[1].0.before, marks[1].0.after),
+        (Some(anchor(&v1)), Some(anchor(&v2)))
+    );
+    assert_eq!(marks[2].0.mark, Mark::new(30, 3, vec![1]));
+    assert_eq!(
+        (marks[2].0.before, marks[2].0.after),
+        (Some(anchor(&v2)), None)
+    );
+}
+
+#[test]
+fn link_names_successors_and_resolves_marks_before_and_after() {
+    // Epoch 0: identities 1, 2 in profile 1; 3 in profile 3. Epoch 1: 3 joins profile 1
+    // (a merge), 2 moves to a new profile 2 (a split), and marks arrive.
+    let holds = |i: IdKey, p: ProfileKey, d: isize, t: Epoch| {
+        (
+            i,
+            AtIdentity::Holds {
+                profile: p,
+                diff: d,
+            },
+            t,
+        )
+    };
+    let mark = |ts| Mark::new(ts, ts as u64, vec![]);
+    let sent = vec![
+        vec![holds(1, 1, 1, 0), holds(2, 1, 1, 0), holds(3, 3, 1, 0)],
+        vec![
+            holds(3, 3, -1, 1),
+            holds(3, 1, 1, 1),
+            holds(2, 1, -1, 1),
+            holds(2, 2, 1, 1),
+            (
+                2,
+                AtIdentity::Fragment {
+                    before: true,
+                    mark: mark(5),
+                },
+                1,
+            ),
+            (
+                2,
+                AtIdentity::Fragment {
+                    before: false,
+                    mark: mark(6),
+                },
+                1,
+            ),
+            (
+                9,
+                AtIdentity::Fragment {
+                    before: false,
+                    mark: mark(7),
+                },
+                1,
+            ),
+            (
+                3,
+                AtIdentity::Upload {
+                    policy: 0,
+                    mark: mark(8),
+                },
+                1,
+            ),
+        ],
+    ];
+    let captured = timely::execute_directly(move |worker| {
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<(IdKey, AtIdentity, Epoch)>>();
+            (input, link(stream, true).capture())
+        });
+        for (t, epoch) in sent.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for m in epoch {
+                input.send(m);
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        captured
+    });
+    let mut out: Vec<(ProfileKey, ToProfile, Epoch)> = messages(captured);
+    out.sort_by_key(|(p, m, t)| (*t, *p, format!("{m:?}")));
+    let expect = |p, role, ts, policy| {
+        (
+            p,
+            ToProfile::Mark {
+                role,
+                policy,
+                mark: mark(ts),
+            },
+            1,
+        )
+    };
+    let mut expected = vec![
+        (1, ToProfile::Successor(2), 1),
+        expect(1, Role::Before, 5, None),
+        expect(1, Role::After, 8, Some(0)),
+        expect(2, Role::After, 6, None),
+        (3, ToProfile::Successor(1), 1),
+        expect(3, Role::IfGone, 8, Some(0)),
+    ];
+    expected.sort_by_key(|(p, m, t)| (*t, *p, format!("{m:?}")));
+    // Identity 9 is in no profile: its mark goes nowhere.
+    assert_eq!(out, expected);
+}
+
+fn plan() -> Plan {
+    Plan {
+        policies: vec![PolicyPlan {
+            id: "p".into(),
+            merge: AttributeMerge::TimestampOrdered,
+            stitching: Stitching::PrivateGraph,
+        }],
+        audiences: (0..3)
+            .map(|a| AudiencePlan {
+                id: format!("a{a}"),
+                name: format!("a{a}"),
+                policy: 0,
+                kind: AudienceKind::Upload,
+                created_at: 0,
+                updated_at: 0,
+            })
+            .collect(),
+        ..Plan::default()
+    }
+    .finish()
+}
+
+fn view(ids: &[u64], qualified: &[u16]) -> Arc<ProfileView> {
+    Arc::new(ProfileView {
+        identities: ids.iter().map(|&i| identity(i)).collect(),
+        name: 0,
+        policies: vec![PolicyView {
+            leaves: vec![],
+            qualified: qualified.to_vec(),
+        }],
+    })
+}
+
+fn record(ids: &[u64], memberships: &[(u16, Status, i64)]) -> Record {
+    Record {
+        view: view(ids, &[]),
+        memberships: vec![
+            memberships
+                .iter()
+                .map(|&(audience, status, since)| Membership {
+                    audience,
+                    status,
+                    since,
+                })
+                .collect(),
+        ],
+    }
+}
+
+#[test]
+fn decide_inherits_the_strongest_status_and_the_earliest_time() {
+    let plan = plan();
+    // Two predecessors merge: audience 0 realized in both (earliest time kept), audience 1
+    // realized in one and exited in the other (realized wins), audience 2 exited.
+    let a = record(
+        &[1],
+        &[
+            (0, Status::Realized, 30),
+            (1, Status::Exited, 5),
+            (2, Status::Exited, 7),
+        ],
+    );
+    let b = record(
+        &[2],
+        &[(0, Status::Realized, 20), (1, Status::Realized, 40)],
+    );
+    let marks = vec![(None, Mark::new(100, 9, vec![]))];
+    let mut out = Vec::new();
+    let new = step::decide(
+        &plan,
+        Stitching::PrivateGraph,
+        view(&[1, 2], &[0, 1]),
+        &[&a, &b],
+        &marks,
+        &mut out,
+    );
+    assert_eq!(
+        new.memberships[0],
+        vec![
+            Membership {
+                audience: 0,
+                status: Status::Realized,
+                since: 20
+            },
+            Membership {
+                audience: 1,
+                status: Status::Realized,
+                since: 40
+            },
+            Membership {
+                audience: 2,
+                status: Status::Exited,
+                since: 7
+            },
+        ]
+    );
+    // No status changed; the identities did (a merge): one export, trigger 2.
+    assert_eq!(out.len(), 1);
+    assert!(out[0].identity_changed && out[0].changed.is_empty());
+
+    // The same profile next epoch, exiting audience 1 on an event at 200.
+    let mut out = Vec::new();
+    let marks = vec![(None, Mark::new(200, 10, vec![]))];
+    let next = step::decide(
+        &plan,
+        Stitching::PrivateGraph,
+        view(&[1, 2], &[0]),
+        &[&new],
+        &marks,
+        &mut out,
+    );
+    assert_eq!(
+        next.memberships[0][1],
+        Membership {
+            audience: 1,
+            status: Status::Exited,
+            since: 200
+        }
+    );
+    assert_eq!(
+        (out.len(), out[0].changed.clone(), out[0].identity_changed),
+        (1, vec![1], false)
+    );
+
+    // Nothing changed and nothing mapped was written: no export.
+    let mut out = Vec::new();
+    step::decide(
+        &plan,
+        Stitching::PrivateGraph,
+        view(&[1, 2], &[0]),
+        &[&next],
+        &[(None, Mark::new(300, 11, vec![]))],
+        &mut out,
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn tombstone_exits_realized_audiences_at_the_newest_event() {
+    let plan = plan();
+    let gone = record(
+        &[1, 2],
+        &[(0, Status::Realized, 10), (1, Status::Exited, 5)],
+    );
+    let mut out = Vec::new();
+    let marks = vec![
+        (None, Mark::new(50, 3, vec![])),
+        (Some(0), Mark::new(70, 4, vec![])),
+    ];
+    step::tombstone(&plan, Stitching::PrivateGraph, &gone, &marks, &mut out);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].tombstone && out[0].leaves().is_empty());
+    assert_eq!(
+        out[0].memberships,
+        vec![Membership {
+            audience: 0,
+            status: Status::Exited,
+            since: 70
+        }]
+    );
+    assert_eq!(out[0].seq, 4);
+}
