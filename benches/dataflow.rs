@@ -1,7 +1,8 @@
 //! Dataflow throughput and memory: synthetic profiles through the whole dataflow with the
 //! exports discarded (they are encoded, then dropped).
 //!
-//! `cargo bench --bench dataflow -- [--profiles N] [--workers W] [--batch B] [--updates U]`
+//! `cargo bench --bench dataflow -- [--profiles N] [--workers W] [--batch B] [--updates U]
+//! [--count]` (`--count`: also print each stage's updates per event)
 //!
 //! Phase 1 loads every profile (two fragments each); resident memory is read after it.
 //! Phase 2 times `U` update events (half of them change a mapped attribute or a membership),
@@ -13,6 +14,7 @@ use std::time::Instant;
 use streamdest::events::{EpochBuilder, Update, parse_line};
 use streamdest::pipeline::{Pipeline, PipelineConfig};
 use streamdest::synth::Synth;
+use streamdest_operators::meter::Meter;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -48,10 +50,16 @@ fn main() -> anyhow::Result<()> {
     let plan = Arc::new(synth.config("http://127.0.0.1:9/").plan(1_700_000_000_000));
 
     let baseline = rss_kib("VmRSS:");
+    let meter = if std::env::args().any(|a| a == "--count") {
+        Meter::counting()
+    } else {
+        Meter::default()
+    };
     let config = PipelineConfig {
         workers,
         cluster: None,
         window: 16,
+        meter: meter.clone(),
     };
     let (mut pipeline, mut stream) = Pipeline::start(plan.clone(), config)?;
     let consumer = std::thread::spawn(move || {
@@ -86,6 +94,8 @@ fn main() -> anyhow::Result<()> {
     let load_secs = load_start.elapsed().as_secs_f64();
     let loaded_rss = rss_kib("VmRSS:");
 
+    let counted_at_load = meter.snapshot();
+
     // Phase 2: timed updates.
     let events: Vec<Update> = synth
         .updates()
@@ -111,6 +121,22 @@ fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("consumer panicked"))?;
 
     let per_profile = (loaded_rss.saturating_sub(baseline) * 1024) as f64 / profiles as f64;
+    let counted = meter.snapshot();
+    if !counted.is_empty() {
+        eprintln!("updates per event, timed phase ({updates} events, all workers):");
+        let mut total = 0.0;
+        for (name, n) in &counted {
+            let per = (n - counted_at_load.get(name).copied().unwrap_or(0)) as f64 / updates as f64;
+            if !name.starts_with("messages")
+                && !name.ends_with("marks")
+                && !name.contains("not arranged")
+            {
+                total += per;
+            }
+            eprintln!("  {name:<40} {per:.3}");
+        }
+        eprintln!("  {:<40} {total:.3}", "arrangement inputs, total");
+    }
     println!(
         "{{\"profiles\":{profiles},\"workers\":{workers},\"batch\":{batch},\"updates\":{updates},\
          \"load_events_per_s\":{:.0},\"events_per_s\":{:.0},\"us_per_event\":{:.2},\"exports\":{exports},\

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use streamdest_operators::dataflow::build;
 use streamdest_operators::export::Encoded;
 use streamdest_operators::input::{Epoch, EpochInput};
+use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::Plan;
 use streamdest_operators::sink::{Completed, export_sink};
 use timely::WorkerConfig;
@@ -37,6 +38,8 @@ pub struct PipelineConfig {
     pub cluster: Option<Cluster>,
     /// Epochs that may be pushed ahead of the consumer's acknowledgements.
     pub window: u64,
+    /// Counts each stage's updates (benchmarks); off by default.
+    pub meter: Meter,
 }
 
 impl Default for PipelineConfig {
@@ -45,6 +48,7 @@ impl Default for PipelineConfig {
             workers: 1,
             cluster: None,
             window: 64,
+            meter: Meter::default(),
         }
     }
 }
@@ -84,6 +88,7 @@ impl Pipeline {
         config: PipelineConfig,
     ) -> anyhow::Result<(Pipeline, ExportStream)> {
         let workers = config.workers.max(1);
+        let meter = config.meter.clone();
         let mut args = vec!["-w".to_string(), workers.to_string()];
         let (peers, first_local) = match &config.cluster {
             Some(c) if c.processes > 1 => {
@@ -135,9 +140,10 @@ impl Pipeline {
             let completed_tx = completed_tx.clone();
             let threads_tx = threads_tx.clone();
             let plan = plan.clone();
+            let meter = meter.clone();
             let index = worker.index();
             let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
-                let (inputs, candidates) = build(scope, plan.clone());
+                let (inputs, candidates) = build(scope, plan.clone(), &meter);
                 export_sink(candidates, plan, index, move |c| {
                     let _ = completed_tx.send(c);
                 });

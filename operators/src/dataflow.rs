@@ -39,9 +39,10 @@ use crate::input::{
     Epoch, EpochInput, FragKey, FragRef, FragmentWrite, IdKey, ProfileKey, UploadWrite,
 };
 use crate::link::{AtIdentity, Role, ToProfile, link};
+use crate::meter::Meter;
 use crate::plan::{AudienceIdx, Plan, Stitching};
 use crate::stitch::{ArrangedIdentities, stitch};
-use crate::upsert::{FragmentMark, upsert};
+use crate::upsert::{FragmentIdentities, FragmentMark, Upserted, upsert};
 use crate::view::{Member, views};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
@@ -84,15 +85,22 @@ impl Inputs {
 }
 
 /// Builds the dataflow in `scope`. Returns the input handles and the export candidates of
-/// each epoch (see [`crate::sink`]).
+/// each epoch (see [`crate::sink`]). `meter` counts each stage's updates when it is on.
 pub fn build<'s>(
     scope: Scope<'s, Epoch>,
     plan: Arc<Plan>,
+    meter: &Meter,
 ) -> (Inputs, Stream<'s, Epoch, Vec<Candidate>>) {
     let (fragment_handle, fragment_writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
 
-    let (fragments, fragment_marks) = upsert(fragment_writes);
+    let Upserted {
+        fragments,
+        identities,
+        marks: fragment_marks,
+    } = upsert(fragment_writes);
+    meter.collection("upsert output (not arranged)", &fragments);
+    meter.stream("fragment marks", &fragment_marks);
     let uploads = uploads(upload_writes.clone());
 
     let candidates: Vec<_> = plan
@@ -102,8 +110,10 @@ pub fn build<'s>(
             profiles(
                 plan.clone(),
                 kind,
+                meter,
                 Sources {
                     fragments: fragments.clone(),
+                    identities: identities.clone(),
                     fragment_marks: fragment_marks.clone(),
                     uploads: uploads.clone(),
                     upload_writes: upload_writes.clone(),
@@ -121,6 +131,7 @@ pub fn build<'s>(
 /// What every stitching reads.
 struct Sources<'s> {
     fragments: Coll<'s, (FragKey, FragRef)>,
+    identities: FragmentIdentities<'s>,
     fragment_marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
     upload_writes: Stream<'s, Epoch, Vec<UploadRecord>>,
@@ -144,9 +155,10 @@ fn uploads<'s>(writes: Stream<'s, Epoch, Vec<UploadRecord>>) -> Coll<'s, (IdKey,
 fn profiles<'s>(
     plan: Arc<Plan>,
     kind: Stitching,
+    meter: &Meter,
     sources: Sources<'s>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
-    let stitched = stitch(kind, sources.fragments);
+    let stitched = stitch(kind, sources.fragments, sources.identities, meter);
     let mut members = stitched
         .fragments
         .map(|(profile, f)| (profile, Member::Fragment(f)));
@@ -160,7 +172,10 @@ fn profiles<'s>(
         };
         members = members.concat(uploaded(&plan, kind, sources.uploads, identities));
     }
-    let views = views(plan.clone(), kind, members)
+    meter.collection("members (view reduce input)", &members);
+    let views = views(plan.clone(), kind, members);
+    meter.collection("views (view reduce output)", &views);
+    let views = views
         .inner
         .map(|((profile, view), epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
 
@@ -177,8 +192,10 @@ fn profiles<'s>(
             holds
                 .concat(for_linker)
                 .concat(upload_marks(&plan, kind, sources.upload_writes));
+        meter.stream("messages to link", &at_identities);
         to_profiles = to_profiles.concat(link(at_identities, kind == Stitching::PrivateGraph));
     }
+    meter.stream("messages to route", &to_profiles);
     history(plan, kind, to_profiles)
 }
 

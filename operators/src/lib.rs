@@ -12,6 +12,7 @@ pub mod intern;
 pub mod leaf;
 pub mod link;
 pub mod merge;
+pub mod meter;
 pub mod plan;
 pub mod rule;
 pub mod sink;

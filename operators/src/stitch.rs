@@ -16,7 +16,9 @@ use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::ValSpine;
 
 use crate::input::{Epoch, FragKey, FragRef, IdKey, ProfileKey};
+use crate::meter::Meter;
 use crate::plan::Stitching;
+use crate::upsert::{FragmentIdentities, IdentitySet};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
 
@@ -36,7 +38,12 @@ pub struct Stitched<'s> {
 }
 
 /// The profiles of `kind`.
-pub fn stitch<'s>(kind: Stitching, fragments: Coll<'s, (FragKey, FragRef)>) -> Stitched<'s> {
+pub fn stitch<'s>(
+    kind: Stitching,
+    fragments: Coll<'s, (FragKey, FragRef)>,
+    identities: FragmentIdentities<'s>,
+    meter: &Meter,
+) -> Stitched<'s> {
     match kind {
         Stitching::None => Stitched {
             fragments: fragments
@@ -52,11 +59,13 @@ pub fn stitch<'s>(kind: Stitching, fragments: Coll<'s, (FragKey, FragRef)>) -> S
             arranged: None,
         },
         Stitching::PrivateGraph => {
-            let labels = components(fragments.clone()).arrange_by_key_named("IdentityProfile");
+            let labels = components(identities, meter);
+            meter.collection("identity profiles (propagate output)", &labels);
+            let labels = labels.arrange_by_key_named("IdentityProfile");
             // A fragment lies in the component of any of its identities: its anchor, the first.
-            let by_anchor = fragments
-                .map(|(_, f): (FragKey, FragRef)| (anchor(&f), f))
-                .arrange_by_key_named("FragmentsByAnchor");
+            let by_anchor = fragments.map(|(_, f): (FragKey, FragRef)| (anchor(&f), f));
+            meter.collection("fragments by anchor", &by_anchor);
+            let by_anchor = by_anchor.arrange_by_key_named("FragmentsByAnchor");
             Stitched {
                 fragments: labels
                     .clone()
@@ -80,20 +89,23 @@ fn anchor(f: &FragRef) -> IdKey {
 /// Edges and seeds keep their multiplicities (two fragments may link the same pair): label
 /// propagation takes the least label present, which multiplicities do not change, so no
 /// `distinct` is needed.
-pub fn components<'s>(fragments: Coll<'s, (FragKey, FragRef)>) -> Coll<'s, (IdKey, ProfileKey)> {
-    let edges = fragments.clone().flat_map(|(_, f): (FragKey, FragRef)| {
-        let hub = anchor(&f);
-        f.identities
-            .iter()
-            .skip(1)
-            .flat_map(|i| [(hub, i.key()), (i.key(), hub)])
-            .collect::<Vec<_>>()
+pub fn components<'s>(
+    identities: FragmentIdentities<'s>,
+    meter: &Meter,
+) -> Coll<'s, (IdKey, ProfileKey)> {
+    let edges = identities
+        .clone()
+        .flat_map(|(_, ids): (FragKey, IdentitySet)| {
+            let hub = ids.first().copied().unwrap_or(0);
+            ids.iter()
+                .skip(1)
+                .flat_map(|&i| [(hub, i), (i, hub)])
+                .collect::<Vec<_>>()
+        });
+    let seeds = identities.flat_map(|(_, ids): (FragKey, IdentitySet)| {
+        ids.iter().map(|&i| (i, i)).collect::<Vec<_>>()
     });
-    let seeds = fragments.flat_map(|(_, f): (FragKey, FragRef)| {
-        f.identities
-            .iter()
-            .map(|i| (i.key(), i.key()))
-            .collect::<Vec<_>>()
-    });
+    meter.collection("edges (propagate)", &edges);
+    meter.collection("seeds (propagate)", &seeds);
     propagate(edges, seeds)
 }

@@ -52,23 +52,44 @@ pub struct FragmentMark {
     pub mark: Mark,
 }
 
-type Change = ((FragKey, FragRef), Epoch, isize);
+/// A fragment's identity keys, in the order of its identities (the first is its anchor).
+pub type IdentitySet = Arc<[IdKey]>;
+
+/// One of the upsert's three outputs.
+#[derive(Clone)]
+enum Out {
+    Fragment(((FragKey, FragRef), Epoch, isize)),
+    Identities(((FragKey, IdentitySet), Epoch, isize)),
+    Mark((FragmentMark, Epoch)),
+}
+
 /// The fragments collection: each fragment's current version.
 pub type Fragments<'s> = VecCollection<'s, Epoch, (FragKey, FragRef), isize>;
+/// Each fragment's identity keys: changes only when a write changes the identities, so an
+/// attribute-only write never reaches the identity graph.
+pub type FragmentIdentities<'s> = VecCollection<'s, Epoch, (FragKey, IdentitySet), isize>;
 /// Each epoch's fragment marks, with their epochs.
 pub type FragmentMarks<'s> = Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>;
 
-/// Applies the writes; returns the fragments collection and the marks.
-pub fn upsert<'s>(
-    writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>,
-) -> (Fragments<'s>, FragmentMarks<'s>) {
-    let both = writes.unary_frontier::<CapacityContainerBuilder<Vec<Result<Change, (FragmentMark, Epoch)>>>, _, _, _>(
+/// The upsert's outputs.
+pub struct Upserted<'s> {
+    pub fragments: Fragments<'s>,
+    pub identities: FragmentIdentities<'s>,
+    pub marks: FragmentMarks<'s>,
+}
+
+fn identity_set(fragment: &Fragment) -> IdentitySet {
+    fragment.identities.iter().map(|i| i.key()).collect()
+}
+
+/// Applies the writes.
+pub fn upsert<'s>(writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>) -> Upserted<'s> {
+    let all = writes.unary_frontier::<CapacityContainerBuilder<Vec<Out>>, _, _, _>(
         Exchange::new(|(key, _): &(FragKey, FragmentWrite)| *key),
         "Upsert",
         |_initial, _info| {
             let mut gate = EpochGate::default();
-            let mut versions: FxHashMap<FragKey, Arc<Fragment>> =
-                Default::default();
+            let mut versions: FxHashMap<FragKey, Arc<Fragment>> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
                 while let Some((cap, writes)) = gate.next_complete(frontier) {
@@ -80,29 +101,55 @@ pub fn upsert<'s>(
                             None => versions.remove(&key),
                         };
                         let mut mark = write.mark;
+                        let same_identities = matches!((&old, &write.value),
+                            (Some(o), Some(n)) if o.identities == n.identities);
                         if let Some(old) = &old {
                             mark.add_paths(&old.mapped);
-                            session.give(Ok(((key, FragRef(old.clone())), epoch, -1)));
+                            session.give(Out::Fragment(((key, FragRef(old.clone())), epoch, -1)));
+                            if !same_identities {
+                                session.give(Out::Identities((
+                                    (key, identity_set(old)),
+                                    epoch,
+                                    -1,
+                                )));
+                            }
                         }
                         if let Some(new) = &write.value {
-                            session.give(Ok(((key, FragRef(new.clone())), epoch, 1)));
+                            session.give(Out::Fragment(((key, FragRef(new.clone())), epoch, 1)));
+                            if !same_identities {
+                                session.give(Out::Identities(((key, identity_set(new)), epoch, 1)));
+                            }
                         }
                         let mark = FragmentMark {
                             before: old.as_deref().map(Anchor::of),
                             after: write.value.as_deref().map(Anchor::of),
                             mark,
                         };
-                        session.give(Err((mark, epoch)));
+                        session.give(Out::Mark((mark, epoch)));
                     }
                 }
                 gate.release();
             }
         },
     );
-    let changes = both
-        .clone()
-        .flat_map(|x: Result<Change, (FragmentMark, Epoch)>| x.ok())
-        .as_collection();
-    let marks = both.flat_map(|x: Result<Change, (FragmentMark, Epoch)>| x.err());
-    (changes, marks)
+    Upserted {
+        fragments: all
+            .clone()
+            .flat_map(|x: Out| match x {
+                Out::Fragment(u) => Some(u),
+                _ => None,
+            })
+            .as_collection(),
+        identities: all
+            .clone()
+            .flat_map(|x: Out| match x {
+                Out::Identities(u) => Some(u),
+                _ => None,
+            })
+            .as_collection(),
+        marks: all.flat_map(|x: Out| match x {
+            Out::Mark(m) => Some(m),
+            _ => None,
+        }),
+    }
 }

@@ -12,15 +12,16 @@ use timely::dataflow::operators::core::input::Input as _;
 use streamdest_operators::export::{Membership, Status};
 use streamdest_operators::history::step::{self, Record};
 use streamdest_operators::input::{
-    Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
+    Epoch, FragKey, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
 };
 use streamdest_operators::intern::intern;
 use streamdest_operators::link::{AtIdentity, Role, ToProfile, link};
+use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{
     AttributeMerge, AudienceKind, AudiencePlan, Plan, PolicyPlan, Stitching,
 };
 use streamdest_operators::stitch::components;
-use streamdest_operators::upsert::{Anchor, upsert};
+use streamdest_operators::upsert::{Anchor, IdentitySet, upsert};
 use streamdest_operators::view::{PolicyView, ProfileView};
 
 /// A deterministic SplitMix64.
@@ -164,17 +165,26 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
 
     let captured = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
-            let (input, fragments) = scope.new_collection::<(FragKey, FragRef), isize>();
-            (input, components(fragments).inner.capture())
+            let (input, identities) = scope.new_collection::<(FragKey, IdentitySet), isize>();
+            (
+                input,
+                components(identities, &Meter::default()).inner.capture(),
+            )
         });
         for (t, writes) in history.into_iter().enumerate() {
             input.advance_to(t as Epoch);
             for (key, old, new) in writes {
+                let ids = |f: &Fragment| {
+                    f.identities
+                        .iter()
+                        .map(|i| i.key())
+                        .collect::<IdentitySet>()
+                };
                 if let Some(old) = old {
-                    input.remove((key, FragRef(old)));
+                    input.remove((key, ids(&old)));
                 }
                 if let Some(new) = new {
-                    input.insert((key, FragRef(new)));
+                    input.insert((key, ids(&new)));
                 }
             }
         }
@@ -199,6 +209,7 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
 fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
     let v1 = fragment(1 << 63, &[1, 2], 1, vec![0, 3]);
     let v2 = fragment(1 << 63, &[5], 2, vec![1]);
+    let v3 = fragment(1 << 63, &[5], 3, vec![1]);
     let writes = vec![
         vec![(
             v1.key,
@@ -214,19 +225,32 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
                 mark: Mark::new(20, 2, vec![1]),
             },
         )],
+        // The same identities, another attribute value.
+        vec![(
+            v3.key,
+            FragmentWrite {
+                value: Some(v3.clone()),
+                mark: Mark::new(25, 3, vec![]),
+            },
+        )],
         vec![(
             v2.key,
             FragmentWrite {
                 value: None,
-                mark: Mark::new(30, 3, vec![]),
+                mark: Mark::new(30, 4, vec![]),
             },
         )],
     ];
-    let (changes, marks) = timely::execute_directly(move |worker| {
+    let (changes, identities, marks) = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
-            let (fragments, marks) = upsert(writes);
-            (input, (fragments.inner.capture(), marks.capture()))
+            let upserted = upsert(writes);
+            let captured = (
+                upserted.fragments.inner.capture(),
+                upserted.identities.inner.capture(),
+                upserted.marks.capture(),
+            );
+            (input, captured)
         });
         for (t, epoch) in writes.into_iter().enumerate() {
             input.advance_to(t as Epoch);
@@ -238,9 +262,20 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
         while worker.step() {}
         captured
     });
-    let states = accumulate(changes.extract(), 3);
+    let states = accumulate(changes.extract(), 4);
     let seqs = |t: usize| states[t].keys().map(|(_, f)| f.seq).collect::<Vec<_>>();
-    assert_eq!((seqs(0), seqs(1), seqs(2)), (vec![1], vec![2], vec![]));
+    assert_eq!(
+        (seqs(0), seqs(1), seqs(2), seqs(3)),
+        (vec![1], vec![2], vec![3], vec![])
+    );
+    // The identity sets change with the identities only: not at epoch 2 (same identities).
+    let id_updates: Vec<Epoch> = identities
+        .extract()
+        .into_iter()
+        .flat_map(|(_, u)| u.into_iter().map(|(_, t, _)| t))
+        .collect();
+    assert_eq!(id_updates.iter().filter(|&&t| t == 2).count(), 0);
+    assert_eq!(id_updates.iter().filter(|&&t| t == 1).count(), 2);
 
     let mut marks = messages(marks);
     marks.sort_by_key(|(_, t)| *t);
@@ -253,10 +288,12 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
         (marks[1].0.before, marks[1].0.after),
         (Some(anchor(&v1)), Some(anchor(&v2)))
     );
-    assert_eq!(marks[2].0.mark, Mark::new(30, 3, vec![1]));
+    // An attribute-only rewrite still removes (and writes) the old version's mapped path.
+    assert_eq!(marks[2].0.mark, Mark::new(25, 3, vec![1]));
+    assert_eq!(marks[3].0.mark, Mark::new(30, 4, vec![1]));
     assert_eq!(
-        (marks[2].0.before, marks[2].0.after),
-        (Some(anchor(&v2)), None)
+        (marks[3].0.before, marks[3].0.after),
+        (Some(anchor(&v3)), None)
     );
 }
 

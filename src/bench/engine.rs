@@ -308,6 +308,7 @@ impl Engine {
                 workers: options.workers.max(1),
                 cluster: None,
                 window: options.window.max(1),
+                ..Default::default()
             },
         )?;
         let (records_tx, records_rx) = crossbeam_channel::unbounded();
