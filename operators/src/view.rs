@@ -79,6 +79,8 @@ pub fn assemble<'a>(
         .collect();
     identities.sort();
     identities.dedup();
+    // Views live in the reduce's output until the next change: no spare capacity.
+    identities.shrink_to_fit();
     let name = match kind {
         Stitching::PrivateGraph => 0,
         Stitching::None => identities.binary_search(&primary).unwrap_or(0),
@@ -94,7 +96,7 @@ pub fn assemble<'a>(
                 fragments.clone(),
                 |p| is_mapped(p) || rule_paths.iter().any(|r| path_selects(r, p)),
             );
-            let qualified = plan
+            let qualified: Vec<AudienceIdx> = plan
                 .audiences_of(policy)
                 .filter(|(idx, a)| match &a.kind {
                     AudienceKind::Rule(rule) => rule.eval(&merged),
@@ -102,10 +104,9 @@ pub fn assemble<'a>(
                 })
                 .map(|(idx, _)| idx)
                 .collect();
-            PolicyView {
-                leaves: merged.into_iter().filter(|(p, _)| is_mapped(p)).collect(),
-                qualified,
-            }
+            let mut leaves: Vec<_> = merged.into_iter().filter(|(p, _)| is_mapped(p)).collect();
+            leaves.shrink_to_fit();
+            PolicyView { leaves, qualified }
         })
         .collect();
     Some(ProfileView {
