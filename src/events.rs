@@ -85,19 +85,43 @@ fn string(obj: &Map<String, Value>, field: &str) -> Result<String, EventError> {
     }
 }
 
-/// Parses an RFC 3339 timestamp to µs since the Unix epoch.
+/// Parses an RFC 3339 timestamp to µs since the Unix epoch; `None` unless it is a valid time
+/// whose UTC year is 0000–9999 (an offset can push a valid local time outside).
 pub fn parse_timestamp(text: &str) -> Option<i64> {
+    use chrono::Datelike as _;
     chrono::DateTime::parse_from_rfc3339(text)
         .ok()
+        .filter(|t| (0..=9999).contains(&t.to_utc().year()))
         .map(|t| t.timestamp_micros())
+}
+
+/// Refuses attribute names that contain `.`: a dotted path names a nested leaf, so such a name
+/// would collide with one.
+fn check_attribute_names(map: &Map<String, Value>, prefix: &str) -> Result<(), EventError> {
+    for (name, value) in map {
+        let path = format!("{prefix}.{name}");
+        if name.contains('.') {
+            return Err(field_err(
+                path,
+                "an attribute name must not contain '.' (it would read as a nested path)",
+            ));
+        }
+        if let Value::Object(inner) = value {
+            check_attribute_names(inner, &path)?;
+        }
+    }
+    Ok(())
 }
 
 fn timestamp(obj: &Map<String, Value>) -> Result<Option<i64>, EventError> {
     match obj.get("timestamp") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_timestamp(s)
-            .map(Some)
-            .ok_or_else(|| field_err("timestamp", format!("{s:?} is not an RFC 3339 time"))),
+        Some(Value::String(s)) => parse_timestamp(s).map(Some).ok_or_else(|| {
+            field_err(
+                "timestamp",
+                format!("{s:?} is not an RFC 3339 time in the years 0000 to 9999 (UTC)"),
+            )
+        }),
         Some(_) => Err(field_err("timestamp", "must be an RFC 3339 string")),
     }
 }
@@ -179,6 +203,7 @@ pub fn parse_value(value: &Value) -> Result<Event, EventError> {
                 Some(Value::Object(map)) => map.clone(),
                 Some(_) => return Err(field_err("attributes", "must be an object")),
             };
+            check_attribute_names(&attributes, "attributes")?;
             Ok(Event::Fragment {
                 dataset: string(obj, "dataset")?,
                 id: string(obj, "id")?,
@@ -466,7 +491,15 @@ mod tests {
             ),
             (
                 r#"{"type":"fragment","dataset":"d","id":"1","timestamp":"yesterday","identityMap":{"e":[{"id":"x"}]}}"#,
-                "field `timestamp`: \"yesterday\" is not an RFC 3339 time",
+                "field `timestamp`: \"yesterday\" is not an RFC 3339 time in the years 0000 to 9999 (UTC)",
+            ),
+            (
+                r#"{"type":"fragment","dataset":"d","id":"1","timestamp":"0000-01-01T00:30:00+01:00","identityMap":{"e":[{"id":"x"}]}}"#,
+                "field `timestamp`: \"0000-01-01T00:30:00+01:00\" is not an RFC 3339 time in the years 0000 to 9999 (UTC)",
+            ),
+            (
+                r#"{"type":"fragment","dataset":"d","id":"1","identityMap":{"e":[{"id":"x"}]},"attributes":{"person":{"name.first":"J"}}}"#,
+                "field `attributes.person.name.first`: an attribute name must not contain '.' (it would read as a nested path)",
             ),
             (
                 r#"{"type":"fragmentDelete","dataset":"d","id":5}"#,

@@ -51,7 +51,7 @@ impl Synth {
         let config = json!({
             "mergePolicies": [{"id": "mp", "attributeMerge": "timestampOrdered", "identityStitching": "privateGraph"}],
             "audiences": audiences,
-            "destinations": [{"id": "bench", "endpoint": endpoint, "audiences": mapped,
+            "destinations": [{"id": "bench", "name": "Bench", "endpoint": endpoint, "audiences": mapped,
                               "includeSegmentNames": true, "includeSegmentTimestamps": true,
                               "attributes": ["person.name.firstName", "person.name.lastName", "personalEmail.address"]}]
         });

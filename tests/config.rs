@@ -542,15 +542,99 @@ fn invalid_configs_name_the_field_path() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// SPEC §2 (amended): an unknown field is an error naming its path and the closest known field,
+/// and every problem of the document is reported, not only the first.
 #[test]
-fn unknown_fields_are_ignored() {
+fn unknown_fields_are_errors_with_a_suggestion_and_all_are_reported() {
     let v = edit(
         example_value(),
-        "/destinations/0/futureOption",
-        Some(json!({"x": 1})),
+        "/destinations/0/atributes",
+        Some(json!(["x"])),
     );
-    let v = edit(v, "/extra", Some(json!(true)));
-    load(&v).expect("unknown fields are ignored");
+    let v = edit(v, "/destinations/0/delivery", Some(json!({"maxRetrys": 1})));
+    let v = edit(v, "/mergePolicies/0/zzzzzzzzzzzz", Some(json!(true)));
+    let v = edit(v, "/audiences/0/mergePolicy", Some(json!("nope")));
+    let err = load(&v).unwrap_err();
+    let lines: Vec<String> = err.all().iter().map(|e| e.to_string()).collect();
+    assert!(
+        lines.contains(
+            &"destinations[0].atributes: unknown field, did you mean \"attributes\"?".to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(
+            &"destinations[0].delivery.maxRetrys: unknown field, did you mean \"maxRetries\"?"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l
+            .starts_with("mergePolicies[0].zzzzzzzzzzzz: unknown field (known fields: id, name,")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("audiences[0].mergePolicy: unknown merge policy")),
+        "{lines:#?}"
+    );
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_eq!(err.to_string().lines().count(), 4);
+}
+
+/// A destination needs a name and at least one audience; credentials in its endpoint URL are
+/// refused and never echoed.
+#[test]
+fn destinations_need_a_name_an_audience_and_no_credentials_in_the_url() {
+    let v = edit(example_value(), "/destinations/0/name", None);
+    assert_eq!(
+        load(&v).unwrap_err().to_string(),
+        "destinations[0].name: missing"
+    );
+    let v = edit(
+        example_value(),
+        "/destinations/0/audiences",
+        Some(json!([])),
+    );
+    assert_eq!(
+        load(&v).unwrap_err().to_string(),
+        "destinations[0].audiences: a destination maps at least one audience"
+    );
+    let v = edit(
+        example_value(),
+        "/destinations/0/endpoint",
+        Some(json!("https://user:hunter2@collector.example.com/v1")),
+    );
+    let err = load(&v).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "destinations[0].endpoint: credentials in the URL are not allowed; use `auth`"
+    );
+    assert!(!err.contains("hunter2"));
+}
+
+/// A secret `{"env": "VAR"}` whose variable is unset is an error naming the field and the
+/// variable (checked where delivery needs it: `validate`, a delivering `replay`).
+#[test]
+fn unset_environment_secrets_are_reported() {
+    let v = edit(
+        example_value(),
+        "/destinations/0/auth/clientSecret",
+        Some(json!({"env": "STREAMDEST_TEST_SURELY_UNSET_1"})),
+    );
+    let config = load(&v).expect("the document itself is valid");
+    assert_eq!(
+        config.unset_secrets().unwrap_err().to_string(),
+        "destinations[0].auth.clientSecret.env: the environment variable STREAMDEST_TEST_SURELY_UNSET_1 is not set"
+    );
+    let v = edit(
+        v,
+        "/destinations/0/auth/clientSecret",
+        Some(json!("literal")),
+    );
+    assert!(load(&v).unwrap().unset_secrets().is_ok());
 }
 
 #[test]
@@ -558,7 +642,7 @@ fn defaults_are_filled() {
     let config = Config::from_json_str(
         r#"{"mergePolicies":[{"id":"p","attributeMerge":"timestampOrdered","identityStitching":"none"}],
             "audiences":[{"id":"a","mergePolicy":"p","rule":"exists x"}],
-            "destinations":[{"id":"d","endpoint":"http://localhost:9/x","audiences":[{"id":"a"}]}]}"#,
+            "destinations":[{"id":"d","name":"D","endpoint":"http://localhost:9/x","audiences":[{"id":"a"}]}]}"#,
     )
     .unwrap();
     let d = &config.destinations[0];
@@ -571,7 +655,7 @@ fn defaults_are_filled() {
     assert_eq!(d.request_url(), "http://localhost:9/x");
 
     let shown = config.redacted_json();
-    assert_eq!(shown["destinations"][0]["name"], "d");
+    assert_eq!(shown["destinations"][0]["name"], "D");
     assert_eq!(shown["destinations"][0]["auth"], json!({"type": "none"}));
     assert_eq!(shown["destinations"][0]["delivery"]["maxRetries"], 2);
     assert_eq!(shown["destinations"][0]["includeSegmentNames"], false);
@@ -654,9 +738,9 @@ fn plan_resolves_indices_and_defaults() {
         {"id":"a1","name":"Uploaded","mergePolicy":"p0","source":"upload"},
         {"id":"a2","mergePolicy":"p1","rule":"true","createdAt":1,"updatedAt":2}],
       "destinations":[
-        {"id":"d0","endpoint":"https://x/","audiences":[{"id":"a2"},{"id":"a0","mappingCreatedAt":7}],
+        {"id":"d0","name":"D0","endpoint":"https://x/","audiences":[{"id":"a2"},{"id":"a0","mappingCreatedAt":7}],
          "attributes":["person.name","loyalty.points"],"includeSegmentNames":true},
-        {"id":"d1","endpoint":"https://y/","attributes":["person.name"]}]}"#;
+        {"id":"d1","name":"D1","endpoint":"https://y/","audiences":[{"id":"a1"}],"attributes":["person.name"]}]}"#;
     let config = Config::from_json_str(text).unwrap();
     let p = config.plan(1_000);
     assert_eq!(p.policies.len(), 2);
@@ -731,10 +815,13 @@ fn redacted_json_never_shows_literal_secrets() {
     let password = edit(
         bearer,
         "/destinations/2",
-        Some(json!({"id": "third", "endpoint": "https://z/",
+        Some(
+            json!({"id": "third", "name": "Third", "endpoint": "https://z/",
+                    "audiences": [{"id": "5b998cb9-9488-4ec3-8d95-fa8338ced490"}],
                     "auth": {"type": "oauth2Password", "accessTokenUrl": "https://a/t",
                              "clientId": "c", "clientSecret": {"env": "THIRD_SECRET"},
-                             "username": "u", "password": format!("{canary}-password")}})),
+                             "username": "u", "password": format!("{canary}-password")}}),
+        ),
     );
     let config = load(&password).unwrap();
     let shown = config.redacted_json().to_string();

@@ -112,6 +112,7 @@ fn write_config(dir: &Path, server: &TestServer, delivery: Value) -> PathBuf {
                        "createdAt": 1648553325000_i64, "updatedAt": 1648553330000_i64}],
         "destinations": [{
             "id": "d1",
+            "name": "D1",
             "endpoint": server.url(PATH),
             "queryParameters": "source=aep&env=test",
             "headers": "x-api-version:2, x-team : growth",

@@ -23,7 +23,7 @@ fn config(policy: Value, rule: &str) -> Value {
              "createdAt": 1000, "updatedAt": 2000}
         ],
         "destinations": [
-            {"id": "d", "endpoint": "https://collector.example.com/v1/profiles",
+            {"id": "d", "name": "D", "endpoint": "https://collector.example.com/v1/profiles",
              "audiences": [{"id": "all", "mappingCreatedAt": 3000, "mappingUpdatedAt": 4000}],
              "attributes": ["person.name", "personalEmail.address"]}
         ]
@@ -361,7 +361,7 @@ fn each_merge_policy_sees_its_own_profile() {
              "createdAt": 1000, "updatedAt": 2000}
         ],
         "destinations": [
-            {"id": "d", "endpoint": "https://collector.example.com/v1/profiles",
+            {"id": "d", "name": "D", "endpoint": "https://collector.example.com/v1/profiles",
              "audiences": [
                  {"id": "john-graph", "mappingCreatedAt": 3000, "mappingUpdatedAt": 4000},
                  {"id": "john-none", "mappingCreatedAt": 3000, "mappingUpdatedAt": 4000}

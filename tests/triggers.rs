@@ -1181,10 +1181,10 @@ fn blank_lines_are_skipped_and_do_not_count_as_events() {
 fn two_destinations() -> Value {
     let mut config = config();
     config["destinations"] = json!([
-        {"id": "zeta", "endpoint": "https://zeta.example.com/in",
+        {"id": "zeta", "name": "Zeta", "endpoint": "https://zeta.example.com/in",
          "audiences": [{"id": "gold", "mappingCreatedAt": 3100, "mappingUpdatedAt": 4100}],
          "attributes": ["loyalty"]},
-        {"id": "alpha", "endpoint": "https://alpha.example.com/in",
+        {"id": "alpha", "name": "Alpha", "endpoint": "https://alpha.example.com/in",
          "audiences": [{"id": "john", "mappingCreatedAt": 3000, "mappingUpdatedAt": 4000},
                        {"id": "vip", "mappingCreatedAt": 3200, "mappingUpdatedAt": 4200}],
          "attributes": ["person.name"]}

@@ -31,6 +31,8 @@ use url::Url;
 
 use crate::secret::{Secret, SecretSource};
 
+mod unknown;
+
 /// The only named attribute merge.
 pub const TIMESTAMP_ORDERED: &str = "timestampOrdered";
 
@@ -56,18 +58,35 @@ const RESERVED_HEADERS: [&str; 6] = [
 /// `path` is `name[0].field` form (`destinations[0].auth.clientSecret`), relative to what was
 /// parsed or validated; `line L column C` for a JSON syntax error; the file's path for a file
 /// that cannot be read; `(root)` for a problem with the whole document.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
+///
+/// A document with several problems gives one error for the first and the others in `also`, in
+/// document order; it displays as one `path: message` line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub path: String,
     pub message: String,
+    /// Further problems of the same document.
+    pub also: Vec<ConfigError>,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)?;
+        for other in &self.also {
+            write!(f, "\n{other}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
+            also: Vec::new(),
         }
     }
 
@@ -77,6 +96,27 @@ impl ConfigError {
         ConfigError {
             path: join_path(prefix, &self.path),
             message: self.message,
+            also: self.also.into_iter().map(|e| e.within(prefix)).collect(),
+        }
+    }
+
+    /// Every problem, this one first.
+    pub fn all(&self) -> Vec<&ConfigError> {
+        std::iter::once(self).chain(self.also.iter()).collect()
+    }
+
+    /// One error holding all of `errors` (flattened), or `Ok` when there are none.
+    pub fn collect(errors: Vec<ConfigError>) -> Result<(), ConfigError> {
+        let mut flat = errors.into_iter().flat_map(|mut e| {
+            let also = std::mem::take(&mut e.also);
+            std::iter::once(e).chain(also)
+        });
+        match flat.next() {
+            None => Ok(()),
+            Some(mut first) => {
+                first.also = flat.collect();
+                Err(first)
+            }
         }
     }
 }
@@ -442,6 +482,22 @@ impl<'de> Deserialize<'de> for Auth {
 }
 
 impl Auth {
+    /// The auth's secrets with their field names.
+    pub fn secrets(&self) -> Vec<(&'static str, &Secret)> {
+        match self {
+            Auth::None => Vec::new(),
+            Auth::Bearer { token } => vec![("token", token)],
+            Auth::Oauth2Password {
+                client_secret,
+                password,
+                ..
+            } => vec![("clientSecret", client_secret), ("password", password)],
+            Auth::Oauth2ClientCredentials { client_secret, .. } => {
+                vec![("clientSecret", client_secret)]
+            }
+        }
+    }
+
     /// The configuration's spelling of the type.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -990,7 +1046,25 @@ impl Destination {
     /// Checks the object against the audiences of `config`; paths are relative to it.
     pub fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         check_id(&self.id)?;
-        check_http_url(&self.endpoint).map_err(|m| ConfigError::new("endpoint", m))?;
+        match &self.name {
+            None => return Err(ConfigError::new("name", "missing")),
+            Some(name) => check_non_empty(name, "name")?,
+        }
+        let endpoint =
+            check_http_url(&self.endpoint).map_err(|m| ConfigError::new("endpoint", m))?;
+        if !endpoint.username().is_empty() || endpoint.password().is_some() {
+            // The URL is never echoed: it holds a credential.
+            return Err(ConfigError::new(
+                "endpoint",
+                "credentials in the URL are not allowed; use `auth`",
+            ));
+        }
+        if self.audiences.is_empty() {
+            return Err(ConfigError::new(
+                "audiences",
+                "a destination maps at least one audience",
+            ));
+        }
         self.parsed_query_parameters()?;
         self.parsed_headers()?;
         self.auth.validate().map_err(|e| e.within("auth"))?;
@@ -1052,9 +1126,41 @@ impl Destination {
 impl Config {
     /// Parses and validates a configuration.
     pub fn from_json_str(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = parse_json(text)?;
-        config.validate()?;
-        Ok(config)
+        let value: Value = serde_json::from_str(text).map_err(|e| located_error(&e))?;
+        let mut errors = Vec::new();
+        unknown::unknown_fields(&value, unknown::Kind::Config, "", &mut errors);
+        match parse_value::<Config>(value) {
+            Ok(config) => {
+                if let Err(e) = config.validate() {
+                    errors.push(e);
+                }
+                ConfigError::collect(errors).map(|()| config)
+            }
+            Err(e) => {
+                errors.push(e);
+                ConfigError::collect(errors).map(|()| Config::default())
+            }
+        }
+    }
+
+    /// The secrets given as `{"env": "VAR"}` whose variable is not set, one error each (field
+    /// path and variable name; never a value). Delivery needs them; `validate` and the start of
+    /// a delivering `replay` check them.
+    pub fn unset_secrets(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        for (i, d) in self.destinations.iter().enumerate() {
+            for (field, secret) in d.auth.secrets() {
+                if let SecretSource::Env { env } = secret.source()
+                    && std::env::var_os(env).is_none()
+                {
+                    errors.push(ConfigError::new(
+                        format!("destinations[{i}].auth.{field}.env"),
+                        format!("the environment variable {env} is not set"),
+                    ));
+                }
+            }
+        }
+        ConfigError::collect(errors)
     }
 
     /// Reads, parses and validates a configuration file. A file that cannot be read is an error
@@ -1065,30 +1171,33 @@ impl Config {
         Config::from_json_str(&text)
     }
 
-    /// Checks everything; the error is the first problem found, in file order.
+    /// Checks everything: the error holds every object's first problem, in file order.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_count("mergePolicies", self.merge_policies.len())?;
         check_count("audiences", self.audiences.len())?;
         check_count("destinations", self.destinations.len())?;
 
+        // Each object's first problem, every object checked.
+        let mut errors = Vec::new();
         let mut ids = HashMap::new();
         for (i, policy) in self.merge_policies.iter().enumerate() {
             let at = format!("mergePolicies[{i}]");
-            policy.validate().map_err(|e| e.within(&at))?;
-            check_unique(&mut ids, &policy.id, &at)?;
+            errors.extend(policy.validate().map_err(|e| e.within(&at)).err());
+            errors.extend(check_unique(&mut ids, &policy.id, &at).err());
         }
         let mut ids = HashMap::new();
         for (i, audience) in self.audiences.iter().enumerate() {
             let at = format!("audiences[{i}]");
-            audience.validate(self).map_err(|e| e.within(&at))?;
-            check_unique(&mut ids, &audience.id, &at)?;
+            errors.extend(audience.validate(self).map_err(|e| e.within(&at)).err());
+            errors.extend(check_unique(&mut ids, &audience.id, &at).err());
         }
         let mut ids = HashMap::new();
         for (i, destination) in self.destinations.iter().enumerate() {
             let at = format!("destinations[{i}]");
-            destination.validate(self).map_err(|e| e.within(&at))?;
-            check_unique(&mut ids, &destination.id, &at)?;
+            errors.extend(destination.validate(self).map_err(|e| e.within(&at)).err());
+            errors.extend(check_unique(&mut ids, &destination.id, &at).err());
         }
+        ConfigError::collect(errors)?;
         let paths: HashSet<&str> = self
             .destinations
             .iter()
@@ -1484,12 +1593,12 @@ mod tests {
         let text = r#"{"mergePolicies":[{"id":"p","attributeMerge":{"datasetPrecedence":["a"]},"identityStitching":"none"}],
             "audiences":[{"id":"a","mergePolicy":"p","source":"upload"}],
             "destinations":[
-              {"id":"d1","endpoint":"https://x/","auth":{"type":"oauth2Password","accessTokenUrl":"https://a/t",
+              {"id":"d1","name":"D1","endpoint":"https://x/","audiences":[{"id":"a"}],"auth":{"type":"oauth2Password","accessTokenUrl":"https://a/t",
                 "clientId":"c","clientSecret":{"env":"S"},"username":"u","password":"pw"}},
-              {"id":"d2","endpoint":"https://x/","auth":{"type":"oauth2ClientCredentials","accessTokenUrl":"https://a/t",
+              {"id":"d2","name":"D2","endpoint":"https://x/","auth":{"type":"oauth2ClientCredentials","accessTokenUrl":"https://a/t",
                 "clientId":"c","clientSecret":"s","clientCredentialsType":"bodyFormEncoded"},
                "audiences":[{"id":"a","mappingCreatedAt":3}]},
-              {"id":"d3","endpoint":"https://x/","auth":{"type":"bearer","token":"t"}}]}"#;
+              {"id":"d3","name":"D3","endpoint":"https://x/","audiences":[{"id":"a"}],"auth":{"type":"bearer","token":"t"}}]}"#;
         let config = Config::from_json_str(text).unwrap();
         let stored = serde_json::to_string(&config).unwrap();
         assert_eq!(Config::from_json_str(&stored), Ok(config.clone()));
