@@ -81,6 +81,20 @@ impl DryRun {
     }
 }
 
+/// Standard output was closed by its reader (`replay --dry-run | head`): nothing more can be
+/// written, and the replay stops.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct OutputClosed;
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        OutputClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
 impl ExportHandler for DryRun {
     fn epoch(&mut self, _epoch: Epoch, exports: Vec<Encoded>) -> anyhow::Result<()> {
         for e in exports {
@@ -93,9 +107,9 @@ impl ExportHandler for DryRun {
                 serde_json::Value::from(e.profile.as_str()),
                 e.payload
             )
-            .context("writing to standard output")?;
+            .map_err(stdout_error)?;
         }
-        self.out.flush().context("writing to standard output")?;
+        self.out.flush().map_err(stdout_error)?;
         Ok(())
     }
 }
@@ -189,14 +203,18 @@ pub fn feed<H: ExportHandler>(
     let batch = batch.max(1);
     let mut builder = EpochBuilder::new(pipeline.peers());
     let mut summary = FeedSummary::default();
+    // A push fails only when the export thread stopped; its own error says why.
     let mut failure = None;
     for update in updates {
         match update {
             Ok(update) => {
                 builder.add(update);
                 summary.events += 1;
-                if builder.events() >= batch {
-                    pipeline.push(builder.finish())?;
+                if builder.events() >= batch
+                    && let Err(e) = pipeline.push(builder.finish())
+                {
+                    failure = Some(e);
+                    break;
                 }
             }
             Err(e) => {
@@ -205,16 +223,18 @@ pub fn feed<H: ExportHandler>(
             }
         }
     }
-    if builder.events() > 0
+    if failure.is_none()
+        && builder.events() > 0
         && let Err(e) = pipeline.push(builder.finish())
     {
         failure = Some(e);
     }
     summary.epochs = pipeline.next_epoch();
-    pipeline.finish()?;
+    let finished = pipeline.finish();
     let (exports, handler) = consumer
         .join()
         .map_err(|_| anyhow!("the export thread panicked"))??;
+    finished?;
     if let Some(e) = failure {
         return Err(e);
     }
