@@ -130,7 +130,8 @@ impl Pipeline {
         let (threads_tx, threads_rx) =
             crossbeam_channel::unbounded::<(usize, std::thread::Thread)>();
 
-        let guards = timely::execute(timely_config, move |worker| {
+        let peers_addresses = cluster_addresses(&config)?;
+        let body = move |worker: &mut timely::worker::Worker| {
             let local = worker.index() - first_local;
             let rx = receivers
                 .lock()
@@ -179,8 +180,12 @@ impl Pipeline {
                 }
             }
             // Dropping the inputs closes them; timely then runs the dataflow to completion.
-        })
-        .map_err(|e| anyhow!("starting timely workers: {e}"))?;
+        };
+        let guards = match peers_addresses {
+            None => timely::execute(timely_config, body)
+                .map_err(|e| anyhow!("starting timely workers: {e}"))?,
+            Some(addresses) => connect_cluster(timely_config, body, &addresses)?,
+        };
 
         let mut threads: Vec<Option<std::thread::Thread>> = vec![None; workers];
         for _ in 0..workers {
@@ -320,5 +325,93 @@ impl ExportStream {
     /// Tells the feeder that `epoch` has been handed on (delivered or queued for delivery).
     pub fn ack(&self, epoch: Epoch) {
         let _ = self.acks.send(epoch);
+    }
+}
+
+/// How long a process waits for the other processes of a cluster.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The processes' addresses, in cluster mode.
+fn cluster_addresses(config: &PipelineConfig) -> anyhow::Result<Option<Vec<String>>> {
+    let Some(cluster) = config.cluster.as_ref().filter(|c| c.processes > 1) else {
+        return Ok(None);
+    };
+    Ok(Some(match &cluster.hostfile {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the hostfile {path}"))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => (0..cluster.processes)
+            .map(|i| format!("localhost:{}", 2101 + i))
+            .collect(),
+    }))
+}
+
+/// Starts the workers of a cluster process: timely connects to the other processes first, and
+/// prints its progress on standard output, so standard output is pointed at standard error
+/// until the connections are made (it carries `--dry-run`'s exports). Gives up, naming the
+/// addresses, after [`CONNECT_TIMEOUT`].
+fn connect_cluster<F>(
+    config: timely::Config,
+    body: F,
+    addresses: &[String],
+) -> anyhow::Result<timely::communication::WorkerGuards<()>>
+where
+    F: Fn(&mut timely::worker::Worker) + Send + Sync + 'static,
+{
+    eprintln!(
+        "streamdest: connecting to the cluster's processes at {} (timeout {} s)",
+        addresses.join(", "),
+        CONNECT_TIMEOUT.as_secs()
+    );
+    let _redirect = StdoutToStderr::new();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("cluster-connect".into())
+        .spawn(move || {
+            let _ = tx.send(timely::execute(config, body));
+        })
+        .context("starting the cluster connection thread")?;
+    match rx.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(started) => started.map_err(|e| anyhow!("starting timely workers: {e}")),
+        Err(_) => Err(anyhow!(
+            "gave up after {} s waiting for the cluster's processes at {}",
+            CONNECT_TIMEOUT.as_secs(),
+            addresses.join(", ")
+        )),
+    }
+}
+
+/// Points standard output (fd 1) at standard error while it lives.
+struct StdoutToStderr {
+    saved: Option<libc::c_int>,
+}
+
+impl StdoutToStderr {
+    fn new() -> StdoutToStderr {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        // SAFETY: dup and dup2 on the process's own standard descriptors; failures leave
+        // standard output as it was.
+        let saved = unsafe {
+            let saved = libc::dup(1);
+            (saved >= 0 && libc::dup2(2, 1) >= 0).then_some(saved)
+        };
+        StdoutToStderr { saved }
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        if let Some(saved) = self.saved {
+            // SAFETY: restores the descriptor saved in `new` and closes the copy.
+            unsafe {
+                libc::dup2(saved, 1);
+                libc::close(saved);
+            }
+        }
     }
 }
