@@ -1,5 +1,6 @@
 //! The `streamdest` command line (SPEC §5).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -89,6 +90,7 @@ enum Command {
 #[derive(Subcommand)]
 enum DeadLetterAction {
     /// Print one JSON object a line: destination, profile, attempts, lastStatus, lastError, payload.
+    /// Exits 2 when corrupt records had to be skipped (the others are still printed).
     List {
         #[arg(long)]
         data_dir: PathBuf,
@@ -176,16 +178,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     destination,
                 } => (data_dir, destination, true),
             };
+            // The data directory must exist: a mistyped --data-dir is not an empty store.
             if !redrive {
                 let store = DeadLetterStore::open_read_only(&data_dir).with_context(|| {
                     format!("opening the dead-letter store in {}", data_dir.display())
                 })?;
+                let mut out = std::io::stdout().lock();
                 for line in egress::list_json_lines(&store, destination.as_deref()) {
-                    println!("{line}");
+                    writeln!(out, "{line}").context("writing to standard output")?;
+                }
+                out.flush().context("writing to standard output")?;
+                // Corrupt records were skipped: the entries that could be read are listed,
+                // and the exit status is 2 (see storage::deadletter).
+                let corrupt: Vec<String> = store
+                    .damage()
+                    .iter()
+                    .filter(|d| d.is_corrupt())
+                    .map(|d| d.offset.to_string())
+                    .collect();
+                if !corrupt.is_empty() {
+                    eprintln!(
+                        "streamdest: dead-letters list: {}: skipped {} corrupt record(s) at byte offset {}; \
+                         the intact entries are listed (the next redrive or replay keeps a copy of the log \
+                         and rewrites it)",
+                        store.log_path().display(),
+                        corrupt.len(),
+                        corrupt.join(", ")
+                    );
+                    return Ok(ExitCode::from(2));
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let store = DeadLetterStore::open(&data_dir).with_context(|| {
+            let store = DeadLetterStore::open_existing(&data_dir).with_context(|| {
                 format!("opening the dead-letter store in {}", data_dir.display())
             })?;
             let report =
@@ -217,7 +241,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch,
                 cluster: cluster.cluster(),
             };
-            let summary = if dry_run {
+            // `not_stored`: failed exports the dead-letter store could not take.
+            let (summary, not_stored) = if dry_run {
                 let (summary, _) =
                     replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
                 eprintln!(
@@ -228,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     summary.elapsed.as_secs_f64(),
                     summary.events as f64 / summary.elapsed.as_secs_f64().max(1e-9)
                 );
-                summary
+                (summary, 0)
             } else {
                 let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
                 let store = DeadLetterStore::open(&data_dir).with_context(|| {
@@ -248,9 +273,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let (summary, _) = replay(plan, &options, handler).context("replay")?;
                 rt.block_on(egress.drain());
                 let stats = egress.stats();
+                let unstored = egress.unstored();
                 let q = |p: f64| stats.latency.value_at_quantile(p) as f64 / 1000.0;
+                // "dead-lettered" counts only what the store holds; what it could not take
+                // is counted apart.
+                let not_stored = if unstored.is_empty() {
+                    String::new()
+                } else {
+                    format!(", NOT STORED {}", unstored.len())
+                };
                 eprintln!(
-                    "replay: {} events in {} epochs, {:.2}s; exports {}, delivered {}, retried {}, dead-lettered {}; \
+                    "replay: {} events in {} epochs, {:.2}s; exports {}, delivered {}, retried {}, dead-lettered {}{}; \
                      delivery latency ms p50 {:.1} p95 {:.1} p99 {:.1} max {:.1}",
                     summary.events,
                     summary.epochs,
@@ -259,15 +292,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     stats.delivered,
                     stats.retried,
                     stats.dead_lettered,
+                    not_stored,
                     q(0.5),
                     q(0.95),
                     q(0.99),
                     stats.latency.max() as f64 / 1000.0
                 );
-                summary
+                if !unstored.is_empty() {
+                    // Their only copy is in this process: hand them over before exiting.
+                    let mut out = std::io::stdout().lock();
+                    for u in &unstored {
+                        writeln!(out, "{}", u.letter.list_json())
+                            .context("writing the unstored exports to standard output")?;
+                    }
+                    out.flush()
+                        .context("writing the unstored exports to standard output")?;
+                    let last_error = unstored.last().map(|u| u.error.as_str()).unwrap_or("");
+                    eprintln!(
+                        "streamdest: {} failed export(s) could NOT be stored in the dead-letter store in {} \
+                         (last error: {last_error}); they are written to standard output, one \
+                         `dead-letters list` line each",
+                        unstored.len(),
+                        data_dir.display()
+                    );
+                }
+                (summary, unstored.len())
             };
             if let Some(error) = summary.error {
                 eprintln!("streamdest: {error}");
+                return Ok(ExitCode::FAILURE);
+            }
+            // Nothing is claimed stored that is not: exports that are neither delivered nor
+            // in the store make the replay fail.
+            if not_stored > 0 {
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)

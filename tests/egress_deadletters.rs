@@ -1,4 +1,5 @@
-//! The dead-letter store (durability, corrupt tails) and redrive / list through the egress.
+//! The dead-letter store (durability, torn and corrupt tails) and redrive / list through the
+//! egress. Corruption in the middle of the log and full disks: tests/deadletter_integrity.rs.
 
 mod support;
 
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use serde_json::json;
 use streamdest::config::{Auth, Delivery};
 use streamdest::egress::{RedriveReport, list_json_lines, redrive};
-use streamdest::storage::{DeadLetterStore, DestinationSettings, NewDeadLetter};
+use streamdest::storage::{DamageKind, DeadLetterStore, DestinationSettings, NewDeadLetter};
 use support::*;
 
 fn letter(profile: &str, url: &str) -> NewDeadLetter {
@@ -63,6 +64,13 @@ fn store_survives_reopen_and_ignores_a_torn_tail() {
                 .collect::<Vec<_>>(),
             ["a", "b", "c"]
         );
+        let damage = store.damage();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert_eq!(damage[0].kind, DamageKind::TornTail);
+        assert!(
+            store.preserved_copy().is_none(),
+            "a torn tail is not corruption"
+        );
         store.put(letter("d", "http://127.0.0.1:1/")).unwrap();
     }
     let store = DeadLetterStore::open(dir.path()).unwrap();
@@ -90,8 +98,13 @@ fn store_ignores_a_corrupt_last_record() {
             .collect::<Vec<_>>(),
         ["a"]
     );
+    assert!(ro.damage()[0].is_corrupt(), "{:?}", ro.damage());
     let store = DeadLetterStore::open(dir.path()).unwrap();
     assert_eq!(store.len(), 1);
+    let copy = store
+        .preserved_copy()
+        .expect("the corrupt original is kept");
+    assert_eq!(std::fs::read(copy).unwrap(), bytes);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -15,6 +15,11 @@
 //!    [`Egress::submit`]), one FIFO queue per *(destination, profile)* of which only the head
 //!    is in flight (epoch order, never two at once, no head-of-line blocking across
 //!    profiles), outcomes to the dead-letter store, the stats and an optional callback.
+//!    An export that failed and could not be stored either (full disk, I/O error) is not
+//!    dropped: it is kept in memory ([`Egress::unstored`]), counted apart
+//!    ([`EgressStats::not_stored`]) and logged as an error naming the data directory and the
+//!    OS error. When a batch of dead letters does not fit, the ones written whole before
+//!    the disk ran out are stored (and counted so), the others are not.
 //! 5. **Redrive** — [`redrive()`] / [`Egress::redrive`] and [`list_json_lines`] for the
 //!    `dead-letters` command and API.
 //!
@@ -71,7 +76,8 @@ pub enum Outcome {
         status: u16,
     },
     /// Failed after its retries. `entry` is the dead-letter id, `None` when no store is
-    /// configured or storing failed (logged as an error).
+    /// configured or storing failed (logged as an error; the export is then kept in
+    /// [`Egress::unstored`]).
     DeadLettered {
         attempts: u32,
         last_status: Option<u16>,
@@ -161,6 +167,16 @@ type DeadLetterRequest = (NewDeadLetter, oneshot::Sender<Result<u64, String>>);
 /// The most dead letters written with one `fsync`.
 const DEAD_LETTER_BATCH: usize = 1024;
 
+/// An export that failed after its retries and could not be stored in the dead-letter store
+/// either: the egress keeps it in memory so that it is not lost.
+#[derive(Clone, Debug)]
+pub struct Unstored {
+    /// What would have been stored (payload, destination, attempts, last error).
+    pub letter: NewDeadLetter,
+    /// Why it could not be stored (the store's error: path and OS error, no secret).
+    pub error: String,
+}
+
 struct Shared {
     runtime: tokio::runtime::Handle,
     /// To the dead-letter writer task (group commit), when a store is configured.
@@ -168,6 +184,8 @@ struct Shared {
     transport: Transport,
     destinations: RwLock<HashMap<String, Arc<DestinationRuntime>>>,
     dead_letters: Option<Arc<DeadLetterStore>>,
+    /// Failed exports the store could not take, in the order they failed.
+    unstored: Mutex<Vec<Unstored>>,
     intake: Arc<Semaphore>,
     /// Per (destination, profile): the exports waiting behind the one in delivery. A key is
     /// present exactly while a task delivers its head.
@@ -234,6 +252,7 @@ impl Egress {
                 transport: Transport::new(),
                 destinations: RwLock::new(map),
                 dead_letters,
+                unstored: Mutex::new(Vec::new()),
                 intake: Arc::new(Semaphore::new(capacity)),
                 queues: Mutex::new(HashMap::new()),
                 pending,
@@ -437,6 +456,13 @@ impl Egress {
     pub fn dead_letters(&self) -> Option<&Arc<DeadLetterStore>> {
         self.shared.dead_letters.as_ref()
     }
+
+    /// The exports that failed and could not be stored in the dead-letter store, in the order
+    /// they failed (complete once [`Self::drain`] returns). They exist nowhere else: a caller
+    /// that ends must report or save them.
+    pub fn unstored(&self) -> Vec<Unstored> {
+        lock(&self.shared.unstored).clone()
+    }
 }
 
 fn build_runtime(
@@ -489,7 +515,6 @@ async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
             status: round.last_status.unwrap_or(200),
         }
     } else {
-        rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         let entry = store_dead_letter(shared, rt, &export, &round).await;
         Outcome::DeadLettered {
             attempts: round.attempts,
@@ -508,13 +533,16 @@ async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
     shared.pending.send_modify(|n| *n = n.saturating_sub(1));
 }
 
+/// Stores a failed export; counts it as dead-lettered, or as not stored (kept in memory).
 async fn store_dead_letter(
     shared: &Shared,
     rt: &DestinationRuntime,
     export: &Export,
     round: &RoundResult,
 ) -> Option<u64> {
-    let Some(tx) = shared.dead_letter_tx.as_ref() else {
+    let (Some(tx), Some(store)) = (shared.dead_letter_tx.as_ref(), shared.dead_letters.as_ref())
+    else {
+        rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             destination = rt.id(),
             attempts = round.attempts,
@@ -535,7 +563,7 @@ async fn store_dead_letter(
         last_error: round.last_error.clone(),
     };
     let (reply, stored) = oneshot::channel();
-    let result = match tx.send((letter, reply)) {
+    let result = match tx.send((letter.clone(), reply)) {
         Ok(()) => stored
             .await
             .unwrap_or_else(|_| Err("the dead-letter writer stopped".into())),
@@ -543,6 +571,7 @@ async fn store_dead_letter(
     };
     match result {
         Ok(id) => {
+            rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 destination = rt.id(),
                 entry = id,
@@ -554,7 +583,14 @@ async fn store_dead_letter(
             Some(id)
         }
         Err(error) => {
-            tracing::error!(destination = rt.id(), %error, "could not store a dead letter");
+            rt.counters.not_stored.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                destination = rt.id(),
+                data_dir = %store.dir().display(),
+                %error,
+                "could not store a failed export in the dead-letter store: it is kept in memory only"
+            );
+            lock(&shared.unstored).push(Unstored { letter, error });
             None
         }
     }
@@ -575,26 +611,31 @@ async fn write_dead_letters(
             }
         }
         let (letters, replies): (Vec<NewDeadLetter>, Vec<_>) = batch.into_iter().unzip();
+        let n = letters.len();
         let store = store.clone();
-        let result = tokio::task::spawn_blocking(move || store.put_batch(letters)).await;
-        match result {
-            Ok(Ok(entries)) => {
-                for (entry, reply) in entries.iter().zip(replies) {
-                    let _ = reply.send(Ok(entry.id));
-                }
-            }
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(text.clone()));
-                }
-            }
-            Err(e) => {
-                let text = format!("dead-letter task failed: {e}");
-                for reply in replies {
-                    let _ = reply.send(Err(text.clone()));
-                }
-            }
+        let results = match tokio::task::spawn_blocking(move || store_batch(&store, letters)).await
+        {
+            Ok(results) => results,
+            Err(e) => vec![Err(format!("dead-letter task failed: {e}")); n],
+        };
+        for (result, reply) in results.into_iter().zip(replies) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Stores `letters` with one `fsync`. When the write fails part-way (a full disk), the
+/// entries written whole before the failure are stored and the others fail with its error.
+fn store_batch(store: &DeadLetterStore, letters: Vec<NewDeadLetter>) -> Vec<Result<u64, String>> {
+    let n = letters.len();
+    match store.put_batch(letters) {
+        Ok(entries) => entries.iter().map(|e| Ok(e.id)).collect(),
+        Err(partial) => {
+            let error = partial.error.to_string();
+            let mut results: Vec<Result<u64, String>> =
+                partial.stored.iter().map(|e| Ok(e.id)).collect();
+            results.resize(n, Err(error));
+            results
         }
     }
 }

@@ -56,7 +56,12 @@ pub struct Counters {
     pub exports: AtomicU64,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
+    /// Failed after the retries and stored in the dead-letter store (or failed with no store
+    /// configured).
     pub dead_lettered: AtomicU64,
+    /// Failed after the retries and could not be stored: kept in memory
+    /// ([`super::Egress::unstored`]).
+    pub not_stored: AtomicU64,
     /// Submitted and not yet finished (queued or being delivered).
     pub pending: AtomicU64,
     /// HTTP requests sent to the endpoint.
@@ -76,6 +81,7 @@ impl Default for Counters {
             delivered: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            not_stored: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             latency: std::sync::Mutex::new(new_histogram()),

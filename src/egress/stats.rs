@@ -16,7 +16,10 @@ pub struct DestinationStats {
     pub delivered: u64,
     /// Attempts beyond the first of each export.
     pub retried: u64,
+    /// Failed and stored in the dead-letter store (or failed with no store configured).
     pub dead_lettered: u64,
+    /// Failed and could NOT be stored in the dead-letter store: kept in memory.
+    pub not_stored: u64,
     /// Submitted, not yet finished.
     pub pending: u64,
     /// HTTP requests sent to the endpoint.
@@ -34,7 +37,11 @@ pub struct EgressStats {
     pub delivered: u64,
     /// Attempts beyond the first of each export.
     pub retried: u64,
+    /// Failed and stored in the dead-letter store (or failed with no store configured).
     pub dead_lettered: u64,
+    /// Failed and could NOT be stored in the dead-letter store: kept in memory
+    /// ([`super::Egress::unstored`]).
+    pub not_stored: u64,
     pub pending: u64,
     /// Microseconds from submit to delivered or dead-lettered.
     pub latency: Histogram<u64>,
@@ -51,6 +58,7 @@ impl DestinationStats {
             delivered: c.delivered.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            not_stored: c.not_stored.load(Ordering::Relaxed),
             pending: c.pending.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
             token_requests: rt.authorizer.token_requests(),
@@ -65,6 +73,7 @@ impl DestinationStats {
             "delivered": self.delivered,
             "retried": self.retried,
             "deadLettered": self.dead_lettered,
+            "notStored": self.not_stored,
             "pending": self.pending,
             "requests": self.requests,
             "tokenRequests": self.token_requests,
@@ -83,6 +92,7 @@ impl EgressStats {
             delivered: 0,
             retried: 0,
             dead_lettered: 0,
+            not_stored: 0,
             pending: 0,
             latency: new_histogram(),
             destinations: BTreeMap::new(),
@@ -94,6 +104,7 @@ impl EgressStats {
             stats.delivered += d.delivered;
             stats.retried += d.retried;
             stats.dead_lettered += d.dead_lettered;
+            stats.not_stored += d.not_stored;
             stats.pending += d.pending;
             // Same bounds on both sides: adding cannot fail; if it did, only the total lacks it.
             let _ = stats.latency.add(&d.latency);
@@ -114,6 +125,7 @@ impl EgressStats {
             "delivered": self.delivered,
             "retried": self.retried,
             "deadLettered": self.dead_lettered,
+            "notStored": self.not_stored,
             "pending": self.pending,
             "latencyMicros": latency_json(&self.latency),
             "destinations": destinations,

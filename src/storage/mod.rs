@@ -5,4 +5,7 @@
 
 pub mod deadletter;
 
-pub use deadletter::{DeadLetter, DeadLetterStore, DestinationSettings, NewDeadLetter, StoreError};
+pub use deadletter::{
+    Damage, DamageKind, DeadLetter, DeadLetterStore, DestinationSettings, NewDeadLetter,
+    PartialBatch, StoreError,
+};
