@@ -61,15 +61,21 @@ enum Command {
         /// An NDJSON file of events, or `-` for standard input.
         #[arg(long)]
         events: String,
-        /// Dataflow worker threads.
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// Events per epoch.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
+        /// Dataflow worker threads in this process (1 to 256). What is exported does not
+        /// depend on it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        workers: u16,
+        /// Events per epoch: an epoch is this many consecutive lines. Larger epochs are much
+        /// faster (each epoch has a fixed cost), but several events for one profile in one
+        /// epoch give one export of the state at the epoch's end, and a status that leaves and
+        /// comes back within an epoch has not changed (SPEC §3). 1 exports every relevant event.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+        /// Where the dead-letter store lives (default ./streamdest-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Write the exports to standard output as JSON lines instead of sending them.
+        /// Write the exports to standard output as JSON lines instead of sending them (needs
+        /// no secrets).
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -121,10 +127,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// True when `e` comes from writing to a standard output that its reader closed.
+fn is_closed_output(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.is::<streamdest::replay::OutputClosed>()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn now_ms() -> i64 {
@@ -145,6 +164,8 @@ fn main() -> ExitCode {
     init_logging();
     match run(cli) {
         Ok(code) => code,
+        // The reader of standard output left (`| head`): like any filter, stop quietly.
+        Err(e) if is_closed_output(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("streamdest: {e:#}");
             ExitCode::FAILURE
@@ -162,9 +183,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             streamdest::demo::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { config } => {
-            let config = load_config(&config)?;
-            println!("{}", serde_json::to_string_pretty(&config.redacted_json())?);
+        Command::Validate { config: path } => {
+            let config = load_config(&path)?;
+            config
+                .unset_secrets()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&config.redacted_json())?
+            )
+            .and_then(|()| out.flush())
+            .context("writing to standard output")?;
+            let count = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
+            // The verdict, on stderr: stdout carries the configuration.
+            eprintln!(
+                "ok: {}, {}, {}",
+                count(
+                    config.merge_policies.len(),
+                    "merge policy",
+                    "merge policies"
+                ),
+                count(config.audiences.len(), "audience", "audiences"),
+                count(config.destinations.len(), "destination", "destinations")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => {
@@ -233,12 +278,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             cluster,
         } => {
-            let config = load_config(&config)?;
+            let path = config;
+            let config = load_config(&path)?;
+            if !dry_run {
+                // Delivery needs every secret: refuse before reading an event.
+                config
+                    .unset_secrets()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
             let plan = Arc::new(config.plan(now_ms()));
             let options = ReplayOptions {
                 source: Source::parse(&events),
-                workers,
-                batch,
+                workers: usize::from(workers),
+                batch: usize::try_from(batch).unwrap_or(usize::MAX),
                 cluster: cluster.cluster(),
             };
             // `not_stored`: failed exports the dead-letter store could not take.
