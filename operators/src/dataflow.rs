@@ -1,26 +1,31 @@
 //! The whole dataflow, one stage a function:
 //!
 //! ```text
-//! fragment writes ─► upsert ─► fragments ─┬─► stitch (per kind) ─► (profile, fragment) ─┐
-//!                      │                  │        │                                   ├─► views ─┐
-//! upload writes ─► uploads ───────────────┼────────┴─► (identity, profile) ⋈ uploads ─┘         │
-//!       │              │                  │                    │                               │
-//!       │              └─ marks ──────────┴───► link ◄─────────┘                               │
-//!       └─ marks ─────────────────────────────►  │  (identities → profiles, before and after)  │
-//!                                                ▼                                             │
-//!                                  route ◄── views, successors, marks ◄────────────────────────┘
-//!                                    │   (history: records of t - 1, tombstones)
-//!                                    ▼
-//!                                  decide ─► candidates ─► sink
+//!                 ┌─ identity sets ─► identity graph (propagate) ─► (identity, profile) ──┬──────┐
+//! fragment ─► upsert ─ fragments ────────────────────────────────────────┐                │      │
+//! writes        └─ marks ──────────────────────────────────────────┐     ▼                ▼      │
+//!                                                                  │   members ◄── uploads       │
+//! upload writes ─► uploads (upsert) ───────────────────────────────┼────┘ (by identity)   │      │
+//!       └─ marks ──────────────────────────────────────────────┐   │     │ (profile, member)     │
+//!                                                              ▼   ▼     ▼                       │
+//!                                                              link ◄────┼───────────────────────┘
+//!                                                   (identities before/after: successors, marks)
+//!                                                                │     views (by profile)
+//!                                                                ▼       │
+//!                                              route ◄── marks, successors, view changes
+//!                                                │  (records of t - 1: hand-over, tombstones)
+//!                                                ▼
+//!                                              decide ─► candidates ─► sink
 //! ```
 //!
-//! Time is the epoch. The differential part (upsert's collection, stitching, views) keeps the
-//! *state*: which fragments each profile has and what the profile looks like now. The
-//! hand-written part (link, route, decide) is keyed, epoch-at-a-time, and keeps the *history*:
-//! where identities were, the statuses of the previous epoch, and the epoch's events (marks),
-//! which travel as messages and never enter an arrangement. An attribute-only write therefore
-//! costs two updates of the fragments arrangement, two of the view reduce's input and, only if
-//! a mapped path or an audience changed, two of its output.
+//! Time is the epoch. Differential keeps what needs its incrementality: the identity graph's
+//! connected components (merges and splits) and the upload memberships. Everything keyed and
+//! local is hand-written, epoch at a time, on keyed state (`members` by identity, `views`,
+//! `route` and `decide` by profile, `link` by identity): which fragments each profile has, its
+//! view, where identities were, the previous epoch's statuses, and the epoch's events (marks),
+//! which travel as messages. An attribute-only write updates no arrangement at all: it moves a
+//! fragment version through `upsert`, `members` and `views`, and its mark through `link` and
+//! `route` (`cargo bench --bench dataflow -- --count` tabulates it).
 
 use std::sync::Arc;
 
@@ -39,9 +44,10 @@ use crate::input::{
     Epoch, EpochInput, FragKey, FragRef, FragmentWrite, IdKey, ProfileKey, UploadWrite,
 };
 use crate::link::{AtIdentity, Role, ToProfile, link};
+use crate::members::{AtAnchor, MemberChange, members};
 use crate::meter::Meter;
 use crate::plan::{AudienceIdx, Plan, Stitching};
-use crate::stitch::{ArrangedIdentities, stitch};
+use crate::stitch::{anchor, identity_profiles};
 use crate::upsert::{FragmentIdentities, FragmentMark, Upserted, upsert};
 use crate::view::{Member, views};
 
@@ -158,36 +164,21 @@ fn profiles<'s>(
     meter: &Meter,
     sources: Sources<'s>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
-    let stitched = stitch(kind, sources.fragments, sources.identities, meter);
-    let mut members = stitched
-        .fragments
-        .map(|(profile, f)| (profile, Member::Fragment(f)));
-    if plan.has_uploads(kind) {
-        let identities = match stitched.arranged {
-            Some(arranged) => arranged,
-            None => stitched
-                .identities
-                .clone()
-                .arrange_by_key_named("IdentityProfiles"),
-        };
-        members = members.concat(uploaded(&plan, kind, sources.uploads, identities));
-    }
-    meter.collection("members (view reduce input)", &members);
-    let views = views(plan.clone(), kind, members);
-    meter.collection("views (view reduce output)", &views);
-    let views = views
-        .inner
-        .map(|((profile, view), epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
+    let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
+    let member_changes =
+        profile_members(&plan, kind, &sources.fragments, &holders, sources.uploads);
+    meter.stream("member changes (to views)", &member_changes);
+    let views = views(plan.clone(), kind, member_changes);
+    meter.stream("view changes", &views);
+    let views =
+        views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
 
     let (for_linker, direct) = route_fragment_marks(kind, sources.fragment_marks);
     let mut to_profiles = views.concat(direct);
     if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
-        let holds = stitched
-            .identities
-            .inner
-            .map(|((identity, profile), epoch, diff)| {
-                (identity, AtIdentity::Holds { profile, diff }, epoch)
-            });
+        let holds = holders.inner.map(|((identity, profile), epoch, diff)| {
+            (identity, AtIdentity::Holds { profile, diff }, epoch)
+        });
         let at_identities =
             holds
                 .concat(for_linker)
@@ -199,23 +190,58 @@ fn profiles<'s>(
     history(plan, kind, to_profiles)
 }
 
-/// `(profile, upload membership)` for the upload audiences of `kind`'s policies.
-fn uploaded<'s>(
+/// `(profile, member) ± 1`: each profile's fragments and upload memberships. Under
+/// `privateGraph` a fragment follows its anchor identity's component and an upload every
+/// profile holding the identity, both kept by [`members`]; under `none` a fragment goes to its
+/// primary identity's profile directly.
+fn profile_members<'s>(
     plan: &Arc<Plan>,
     kind: Stitching,
+    fragments: &Coll<'s, (FragKey, FragRef)>,
+    holders: &Coll<'s, (IdKey, ProfileKey)>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
-    identities: ArrangedIdentities<'s>,
-) -> Coll<'s, (ProfileKey, Member)> {
-    let plan = plan.clone();
-    let of_kind = move |(_, a): &(IdKey, AudienceIdx)| {
-        plan.policies[plan.audiences[*a as usize].policy as usize].stitching == kind
-    };
-    identities.join_core(
-        uploads
-            .filter(of_kind)
-            .arrange_by_key_named("UploadsOfKind"),
-        |_, profile, audience| Some((*profile, Member::Upload(*audience))),
-    )
+) -> Stream<'s, Epoch, Vec<MemberChange>> {
+    let mut at_anchors = holders
+        .inner
+        .clone()
+        .map(|((identity, profile), epoch, diff)| {
+            (identity, AtAnchor::Holder(profile), epoch, diff)
+        });
+    if plan.has_uploads(kind) {
+        let plan = plan.clone();
+        at_anchors = at_anchors.concat(uploads.inner.flat_map(
+            move |((identity, audience), epoch, diff)| {
+                let policy = plan.audiences[audience as usize].policy;
+                (plan.policies[policy as usize].stitching == kind).then_some((
+                    identity,
+                    AtAnchor::Upload(audience),
+                    epoch,
+                    diff,
+                ))
+            },
+        ));
+    }
+    match kind {
+        Stitching::PrivateGraph => {
+            let anchored = fragments
+                .inner
+                .clone()
+                .map(|((_, f), epoch, diff)| (anchor(&f), AtAnchor::Fragment(f), epoch, diff));
+            members(at_anchors.concat(anchored))
+        }
+        Stitching::None => {
+            let direct = fragments.inner.clone().map(
+                |((_, f), epoch, diff): ((FragKey, FragRef), Epoch, isize)| {
+                    ((f.primary().key(), Member::Fragment(f)), epoch, diff)
+                },
+            );
+            if plan.has_uploads(kind) {
+                direct.concat(members(at_anchors))
+            } else {
+                direct
+            }
+        }
+    }
 }
 
 type ToLinker<'s> = Stream<'s, Epoch, Vec<(IdKey, AtIdentity, Epoch)>>;

@@ -11,6 +11,7 @@ pub mod input;
 pub mod intern;
 pub mod leaf;
 pub mod link;
+pub mod members;
 pub mod merge;
 pub mod meter;
 pub mod plan;

@@ -9,11 +9,10 @@
 //! components see them.
 //!
 //! `none` puts each fragment in the profile of its primary identity, with no arrangement at all.
+//! Which fragments each profile then has is [`crate::members`]'s business.
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::algorithms::graphs::propagate::propagate;
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::ValSpine;
 
 use crate::input::{Epoch, FragKey, FragRef, IdKey, ProfileKey};
 use crate::meter::Meter;
@@ -22,63 +21,34 @@ use crate::upsert::{FragmentIdentities, IdentitySet};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
 
-/// `(identity, profile)` pairs, arranged by identity.
-pub type ArrangedIdentities<'s> =
-    Arranged<'s, TraceAgent<ValSpine<IdKey, ProfileKey, Epoch, isize>>>;
-
-/// A stitching's view of the fragments.
-pub struct Stitched<'s> {
-    /// Each profile's fragments.
-    pub fragments: Coll<'s, (ProfileKey, FragRef)>,
-    /// Each identity's profile(s): one under `privateGraph`; under `none`, one pair per
-    /// fragment holding the identity, so a pair's multiplicity counts those fragments.
-    pub identities: Coll<'s, (IdKey, ProfileKey)>,
-    /// The same, arranged, where stitching arranged it anyway.
-    pub arranged: Option<ArrangedIdentities<'s>>,
-}
-
-/// The profiles of `kind`.
-pub fn stitch<'s>(
+/// Each identity's profile(s) under `kind`: one under `privateGraph` (its component); under
+/// `none`, one pair per fragment holding the identity (the fragment's primary identity), so a
+/// pair's multiplicity counts those fragments.
+pub fn identity_profiles<'s>(
     kind: Stitching,
     fragments: Coll<'s, (FragKey, FragRef)>,
     identities: FragmentIdentities<'s>,
     meter: &Meter,
-) -> Stitched<'s> {
+) -> Coll<'s, (IdKey, ProfileKey)> {
     match kind {
-        Stitching::None => Stitched {
-            fragments: fragments
-                .clone()
-                .map(|(_, f): (FragKey, FragRef)| (f.primary().key(), f)),
-            identities: fragments.flat_map(|(_, f): (FragKey, FragRef)| {
-                let profile = f.primary().key();
-                f.identities
-                    .iter()
-                    .map(|i| (i.key(), profile))
-                    .collect::<Vec<_>>()
-            }),
-            arranged: None,
-        },
+        Stitching::None => fragments.flat_map(|(_, f): (FragKey, FragRef)| {
+            let profile = f.primary().key();
+            f.identities
+                .iter()
+                .map(|i| (i.key(), profile))
+                .collect::<Vec<_>>()
+        }),
         Stitching::PrivateGraph => {
             let labels = components(identities, meter);
             meter.collection("identity profiles (propagate output)", &labels);
-            let labels = labels.arrange_by_key_named("IdentityProfile");
-            // A fragment lies in the component of any of its identities: its anchor, the first.
-            let by_anchor = fragments.map(|(_, f): (FragKey, FragRef)| (anchor(&f), f));
-            meter.collection("fragments by anchor", &by_anchor);
-            let by_anchor = by_anchor.arrange_by_key_named("FragmentsByAnchor");
-            Stitched {
-                fragments: labels
-                    .clone()
-                    .join_core(by_anchor, |_, profile, f| Some((*profile, f.clone()))),
-                identities: labels.clone().as_collection(|i, p| (*i, *p)),
-                arranged: Some(labels),
-            }
+            labels
         }
     }
 }
 
-/// A fragment's first identity (a fragment holds at least one).
-fn anchor(f: &FragRef) -> IdKey {
+/// A fragment's anchor: its first identity (a fragment holds at least one), whose profile it
+/// belongs to under `privateGraph`.
+pub fn anchor(f: &FragRef) -> IdKey {
     f.identities.first().map_or(0, |i| i.key())
 }
 

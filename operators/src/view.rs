@@ -5,13 +5,20 @@
 //! The view is all of a profile's *current* state that the exports read; history (statuses and
 //! `lastQualificationTime`) is kept downstream, in [`crate::history`]. The view keeps only the
 //! mapped paths, so a write of an unmapped attribute that changes no audience leaves the view
-//! as it was and costs nothing past the reduce.
+//! as it was and costs nothing past this stage.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use differential_dataflow::VecCollection;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+
+use crate::gate::EpochGate;
+use crate::members::{Counts, MemberChange};
 
 use crate::input::{Epoch, FragRef, Identity, ProfileKey};
 use crate::leaf::{Leaf, Path, path_selects};
@@ -116,17 +123,77 @@ pub fn assemble<'a>(
     })
 }
 
-/// The view of every profile of `kind`: one `reduce` over the profiles' members.
+/// A view's change: `(profile, view, epoch, ±1)`.
+pub type ViewChange = (ProfileKey, Arc<ProfileView>, Epoch, isize);
+
+/// The view of every profile of `kind`: a keyed stage (exchanged by profile) that holds each
+/// profile's members and view, and once an epoch is complete recomputes the view of every
+/// profile whose members changed, emitting the old view retracted and the new one inserted
+/// when they differ.
 pub fn views<'s>(
     plan: Arc<Plan>,
     kind: Stitching,
-    members: VecCollection<'s, Epoch, (ProfileKey, Member), isize>,
-) -> VecCollection<'s, Epoch, (ProfileKey, Arc<ProfileView>), isize> {
-    members.reduce_named("View", move |_profile, members, out| {
-        if let Some(view) = assemble(&plan, kind, members.iter().map(|(m, _)| *m)) {
-            out.push((Arc::new(view), 1));
-        }
-    })
+    members: Stream<'s, Epoch, Vec<MemberChange>>,
+) -> Stream<'s, Epoch, Vec<ViewChange>> {
+    #[derive(Default)]
+    struct Profile {
+        members: Option<Counts<Member>>,
+        view: Option<Arc<ProfileView>>,
+    }
+    members.unary_frontier::<CapacityContainerBuilder<Vec<ViewChange>>, _, _, _>(
+        Exchange::new(|((profile, _), _, _): &MemberChange| *profile),
+        "View",
+        move |_initial, _info| {
+            let mut gate = EpochGate::default();
+            let mut profiles: FxHashMap<ProfileKey, Profile> = FxHashMap::default();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    gate.push_timed(cap.retain_least(0), data.drain(..), |((p, m), t, d)| {
+                        (t, (p, m, d))
+                    })
+                });
+                while let Some((cap, changes)) = gate.next_complete(frontier) {
+                    let epoch = *cap.time();
+                    let mut touched = Vec::new();
+                    for (profile, member, diff) in changes {
+                        let state = profiles.entry(profile).or_default();
+                        state
+                            .members
+                            .get_or_insert_with(Counts::default)
+                            .update(member, diff);
+                        touched.push(profile);
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    let mut session = output.session(&cap);
+                    for profile in touched {
+                        let Some(state) = profiles.get_mut(&profile) else {
+                            continue;
+                        };
+                        let members = state
+                            .members
+                            .as_ref()
+                            .map(|m| m.present().collect::<Vec<_>>())
+                            .unwrap_or_default();
+                        let view = assemble(&plan, kind, members.into_iter()).map(Arc::new);
+                        if view != state.view {
+                            if let Some(old) = state.view.take() {
+                                session.give((profile, old, epoch, -1));
+                            }
+                            if let Some(new) = &view {
+                                session.give((profile, new.clone(), epoch, 1));
+                            }
+                            state.view = view;
+                        }
+                        if state.members.as_ref().is_none_or(Counts::is_empty) {
+                            profiles.remove(&profile);
+                        }
+                    }
+                }
+                gate.release();
+            }
+        },
+    )
 }
 
 /// Which policies' indices a policy has within its stitching's views.

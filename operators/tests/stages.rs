@@ -12,17 +12,18 @@ use timely::dataflow::operators::core::input::Input as _;
 use streamdest_operators::export::{Membership, Status};
 use streamdest_operators::history::step::{self, Record};
 use streamdest_operators::input::{
-    Epoch, FragKey, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
+    Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
 };
 use streamdest_operators::intern::intern;
 use streamdest_operators::link::{AtIdentity, Role, ToProfile, link};
+use streamdest_operators::members::{AtAnchor, MemberChange, members};
 use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{
     AttributeMerge, AudienceKind, AudiencePlan, Plan, PolicyPlan, Stitching,
 };
 use streamdest_operators::stitch::components;
 use streamdest_operators::upsert::{Anchor, IdentitySet, upsert};
-use streamdest_operators::view::{PolicyView, ProfileView};
+use streamdest_operators::view::{Member, PolicyView, ProfileView, views};
 
 /// A deterministic SplitMix64.
 struct Rng(u64);
@@ -555,4 +556,146 @@ fn tombstone_exits_realized_audiences_at_the_newest_event() {
         }]
     );
     assert_eq!(out[0].seq, 4);
+}
+
+#[test]
+fn members_follow_their_anchor_identity_and_uploads_every_holder() {
+    // A random history of changes at 6 identities: holders (profiles), anchored fragments and
+    // uploads, each inserted and later retracted.
+    let epochs = 40;
+    let mut rng = Rng(11);
+    let mut live: Vec<(IdKey, AtAnchor)> = Vec::new();
+    let mut history: Vec<Vec<(IdKey, AtAnchor, Epoch, isize)>> = Vec::new();
+    let mut expected = Vec::new();
+    for t in 0..epochs {
+        let mut changes = Vec::new();
+        for _ in 0..4 {
+            if !live.is_empty() && rng.below(3) == 0 {
+                let (i, c) = live.remove(rng.below(live.len() as u64) as usize);
+                changes.push((i, c, t, -1));
+            } else {
+                let i = rng.below(6);
+                let change = match rng.below(3) {
+                    0 => AtAnchor::Holder(100 + rng.below(3)),
+                    1 => AtAnchor::Fragment(FragRef(fragment(
+                        1 << 63 | t * 8 + changes.len() as u64,
+                        &[i],
+                        t * 8 + changes.len() as u64,
+                        vec![],
+                    ))),
+                    _ => AtAnchor::Upload(rng.below(2) as u16),
+                };
+                live.push((i, change.clone()));
+                changes.push((i, change, t, 1));
+            }
+        }
+        // From scratch: every identity's distinct holders times its distinct fragments and
+        // uploads (an identity uploaded twice to one audience is uploaded once).
+        let mut members: BTreeMap<(ProfileKey, Member), isize> = BTreeMap::new();
+        for i in 0..6 {
+            let at: Vec<&AtAnchor> = live
+                .iter()
+                .filter(|(j, _)| *j == i)
+                .map(|(_, c)| c)
+                .collect();
+            let holders: BTreeSet<ProfileKey> = at
+                .iter()
+                .filter_map(|c| match c {
+                    AtAnchor::Holder(p) => Some(*p),
+                    _ => None,
+                })
+                .collect();
+            let held: BTreeSet<Member> = at
+                .iter()
+                .filter_map(|c| match c {
+                    AtAnchor::Fragment(f) => Some(Member::Fragment(f.clone())),
+                    AtAnchor::Upload(a) => Some(Member::Upload(*a)),
+                    AtAnchor::Holder(_) => None,
+                })
+                .collect();
+            for h in &holders {
+                for m in &held {
+                    *members.entry((*h, m.clone())).or_default() += 1;
+                }
+            }
+        }
+        expected.push(members);
+        history.push(changes);
+    }
+    let captured = timely::execute_directly(move |worker| {
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<(IdKey, AtAnchor, Epoch, isize)>>();
+            (input, members(stream).capture())
+        });
+        for (t, epoch) in history.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for change in epoch {
+                input.send(change);
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        captured
+    });
+    let actual = accumulate(captured.extract(), epochs);
+    for (t, (expected, actual)) in expected.iter().zip(&actual).enumerate() {
+        assert_eq!(actual, expected, "epoch {t}");
+    }
+}
+
+#[test]
+fn views_change_only_when_the_view_does() {
+    let plan = plan();
+    let f1 = FragRef(fragment(1 << 63, &[1], 1, vec![]));
+    let f2 = FragRef(fragment(1 << 63 | 1, &[2], 2, vec![]));
+    let changes = vec![
+        vec![((7, Member::Fragment(f1.clone())), 0, 1)],
+        // An upload qualifies the profile for audience 0: a new view.
+        vec![((7, Member::Upload(0)), 1, 1)],
+        // The same upload through a second identity: the same view, no change.
+        vec![((7, Member::Upload(0)), 2, 1)],
+        // Another fragment: identities change.
+        vec![((7, Member::Fragment(f2.clone())), 3, 1)],
+        // Every member gone: the view is retracted.
+        vec![
+            ((7, Member::Fragment(f1)), 4, -1),
+            ((7, Member::Fragment(f2)), 4, -1),
+            ((7, Member::Upload(0)), 4, -2),
+        ],
+    ];
+    let captured = timely::execute_directly(move |worker| {
+        let plan = Arc::new(plan.clone());
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<MemberChange>>();
+            (
+                input,
+                views(plan, Stitching::PrivateGraph, stream).capture(),
+            )
+        });
+        for (t, epoch) in changes.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for change in epoch {
+                input.send(change);
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        captured
+    });
+    let mut out: Vec<(Epoch, isize, usize, Vec<u16>)> = messages(captured)
+        .into_iter()
+        .map(|(_, v, t, d)| (t, d, v.identities.len(), v.policies[0].qualified.clone()))
+        .collect();
+    out.sort();
+    assert_eq!(
+        out,
+        vec![
+            (0, 1, 1, vec![]),
+            (1, -1, 1, vec![]),
+            (1, 1, 1, vec![0]),
+            (3, -1, 1, vec![0]),
+            (3, 1, 2, vec![0]),
+            (4, -1, 2, vec![0]),
+        ]
+    );
 }
