@@ -165,11 +165,17 @@ fn profiles<'s>(
     sources: Sources<'s>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
     let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
-    let member_changes =
-        profile_members(&plan, kind, &sources.fragments, &holders, sources.uploads);
-    meter.stream("member changes (to views)", &member_changes);
+    let member_changes = profile_members(
+        &plan,
+        kind,
+        &sources.fragments,
+        &holders,
+        sources.uploads,
+        meter,
+    );
+    meter.stream("messages to views (member changes)", &member_changes);
     let views = views(plan.clone(), kind, member_changes);
-    meter.stream("view changes", &views);
+    meter.stream("messages to route: view changes", &views);
     let views =
         views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
 
@@ -200,6 +206,7 @@ fn profile_members<'s>(
     fragments: &Coll<'s, (FragKey, FragRef)>,
     holders: &Coll<'s, (IdKey, ProfileKey)>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
+    meter: &Meter,
 ) -> Stream<'s, Epoch, Vec<MemberChange>> {
     let mut at_anchors = holders
         .inner
@@ -227,7 +234,9 @@ fn profile_members<'s>(
                 .inner
                 .clone()
                 .map(|((_, f), epoch, diff)| (anchor(&f), AtAnchor::Fragment(f), epoch, diff));
-            members(at_anchors.concat(anchored))
+            let at_anchors = at_anchors.concat(anchored);
+            meter.stream("messages to members", &at_anchors);
+            members(at_anchors)
         }
         Stitching::None => {
             let direct = fragments.inner.clone().map(
