@@ -23,7 +23,7 @@ use crate::members::{Counts, MemberChange};
 use crate::input::{Epoch, FragRef, Identity, ProfileKey};
 use crate::leaf::{Leaf, Path, path_selects};
 use crate::merge::merge;
-use crate::plan::{AudienceIdx, AudienceKind, Plan, PolicyIdx, Stitching};
+use crate::plan::{AudienceIdx, AudienceKind, Plan, Stitching};
 
 /// One value of a profile's group in the view `reduce`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -194,9 +194,4 @@ pub fn views<'s>(
             }
         },
     )
-}
-
-/// Which policies' indices a policy has within its stitching's views.
-pub fn position_in_kind(plan: &Plan, kind: Stitching, policy: PolicyIdx) -> Option<usize> {
-    plan.policies_of(kind).position(|p| p == policy)
 }
