@@ -134,6 +134,7 @@ async fn run_egress(addr: SocketAddr, args: &Args, max_in_flight: usize) -> Resu
         let export = Export {
             destination: "bench".into(),
             profile: format!("email:p{profile}@x"),
+            order_keys: Vec::new(),
             epoch,
             idempotency_key: format!("bench-{profile}-{epoch}"),
             payload: payloads[profile % payloads.len()].clone(),

@@ -261,6 +261,7 @@ impl ExportHandler for Deliver {
             let export = crate::egress::Export {
                 destination: self.plan.destinations[e.destination as usize].id.clone(),
                 profile: e.profile,
+                order_keys: e.order_keys,
                 epoch,
                 idempotency_key: e.idempotency_key,
                 payload: bytes::Bytes::from(e.payload),

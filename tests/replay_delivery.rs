@@ -902,3 +902,78 @@ fn data_dir_defaults_to_streamdest_data_in_the_working_directory() {
     assert_eq!(entries[0]["profile"], "email:one@acme.com");
     assert_eq!(entries[0]["payload"]["loyalty"]["points"], 1);
 }
+
+/// SPEC §4 (amended): the example history renames John's profile (`ecid:…` while it has its
+/// ECID, `email:…` after); the later profile's exports wait for the earlier one's, however
+/// slowly the endpoint answers those.
+#[test]
+fn exports_wait_for_earlier_exports_of_profiles_sharing_an_identity() {
+    const SLOW: Duration = Duration::from_millis(300);
+    let rt = runtime();
+    let server = rt.block_on(TestServer::start(move |r| {
+        if profile_of(&r.json()).starts_with("ecid:") {
+            Reply::Delay(SLOW, Box::new(Reply::ok()))
+        } else {
+            Reply::ok()
+        }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server, json!({"timeoutMs": 2000}));
+    let events = write_events(dir.path(), "events.ndjson", &example_events());
+    let (dry, expected) = dry_run(dir.path(), &config, &events, &[]);
+    dry.assert_code(0, "dry run");
+    let run = replay(dir.path(), &config, &events, &dir.path().join("data"), &[]);
+    run.assert_code(0, "replay");
+
+    let requests = server.requests();
+    assert_eq!(requests.len(), expected.len());
+    let identities = |payload: &Value| -> BTreeSet<String> {
+        payload["identityMap"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .flat_map(|(ns, ids)| {
+                ids.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |i| format!("{ns}:{}", i["id"].as_str().unwrap_or("")))
+            })
+            .collect()
+    };
+    // Where each expected export arrived.
+    let arrival = |e: &DryExport| -> &Recorded {
+        requests
+            .iter()
+            .find(|r| canonical(&r.json()) == canonical(&e.payload))
+            .unwrap_or_else(|| panic!("not delivered: {}", e.payload))
+    };
+    let mut related = 0;
+    for (i, earlier) in expected.iter().enumerate() {
+        for later in &expected[i + 1..] {
+            if identities(&earlier.payload).is_disjoint(&identities(&later.payload)) {
+                continue;
+            }
+            related += 1;
+            let (a, b) = (arrival(earlier), arrival(later));
+            let answered = if earlier.profile.starts_with("ecid:") {
+                SLOW
+            } else {
+                Duration::ZERO
+            };
+            assert!(
+                b.at >= a.at + answered,
+                "{} ({}) was sent before {} ({}) was answered",
+                later.profile,
+                later.payload,
+                earlier.profile,
+                earlier.payload
+            );
+        }
+    }
+    assert!(
+        expected.iter().any(|e| e.profile.starts_with("ecid:"))
+            && expected.iter().any(|e| e.profile.starts_with("email:john")),
+        "the history renames the profile"
+    );
+    assert!(related > 0);
+}

@@ -83,6 +83,9 @@ impl Candidate {
 pub struct Encoded {
     pub destination: DestinationIdx,
     pub profile: String,
+    /// The keys of the profile's identities: the egress orders exports of profiles sharing an
+    /// identity (SPEC §4).
+    pub order_keys: Vec<u64>,
     /// Stable for the same input: the same export gets the same key after a restart.
     pub idempotency_key: String,
     pub payload: String,
@@ -229,6 +232,7 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
     Some(Encoded {
         destination: dest,
         profile,
+        order_keys: candidate.view.identities.iter().map(|i| i.key()).collect(),
         idempotency_key: format!("{key:016x}-{:x}", candidate.seq),
         // Only JSON text was written, and JSON text is UTF-8.
         payload: String::from_utf8(out).unwrap_or_default(),

@@ -809,6 +809,7 @@ fn submit(
             let export = Export {
                 destination,
                 profile: e.profile,
+                order_keys: e.order_keys,
                 epoch: batch.epoch,
                 idempotency_key: e.idempotency_key,
                 payload: Bytes::from(e.payload),

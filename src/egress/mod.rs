@@ -12,9 +12,11 @@
 //!    `maxInFlight` slots, [`retry::RetryPolicy`] (exponential backoff, full jitter,
 //!    `Retry-After`), over the pooled hyper [`transport::Transport`].
 //! 4. **Intake and ordering** — [`Egress`]: a bounded intake (backpressure on
-//!    [`Egress::submit`]), one FIFO queue per *(destination, profile)* of which only the head
-//!    is in flight (epoch order, never two at once, no head-of-line blocking across
-//!    profiles), outcomes to the dead-letter store, the stats and an optional callback.
+//!    [`Egress::submit`]), then [`ordering::OrderTable`]: an export starts once every earlier
+//!    export to its destination sharing an identity with it has ended (epoch order across a
+//!    profile's history — renames, merges, splits — never two at once, no head-of-line
+//!    blocking across unrelated profiles); outcomes to the dead-letter store, the stats and
+//!    an optional callback.
 //!    An export that failed and could not be stored either (full disk, I/O error) is not
 //!    dropped: it is kept in memory ([`Egress::unstored`]), counted apart
 //!    ([`EgressStats::not_stored`]) and logged as an error naming the data directory and the
@@ -27,6 +29,7 @@
 //! [`Secret`](crate::secret::Secret)s and sensitive header values until the request is sent.
 
 pub mod auth;
+pub mod ordering;
 pub mod redrive;
 pub mod request;
 pub mod retry;
@@ -34,8 +37,9 @@ pub mod service;
 pub mod stats;
 pub mod transport;
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+
+use ordering::OrderTable;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -60,6 +64,9 @@ pub struct Export {
     pub destination: String,
     /// The profile, `"namespace:id"`.
     pub profile: String,
+    /// The profile's identities as order keys: the export waits for every earlier export to
+    /// its destination sharing one (SPEC §4). Empty: ordered by `profile` alone.
+    pub order_keys: Vec<u64>,
     /// The epoch that produced it.
     pub epoch: u64,
     /// Sent as `Idempotency-Key`, the same on every attempt and redrive.
@@ -159,7 +166,8 @@ struct Queued {
     _permit: OwnedSemaphorePermit,
 }
 
-type QueueKey = (String, String);
+/// An export waiting for its order keys, with its destination's runtime.
+type Ordered = (Arc<DestinationRuntime>, Queued);
 
 /// A dead letter to store and where to say under which id (or why not).
 type DeadLetterRequest = (NewDeadLetter, oneshot::Sender<Result<u64, String>>);
@@ -187,9 +195,8 @@ struct Shared {
     /// Failed exports the store could not take, in the order they failed.
     unstored: Mutex<Vec<Unstored>>,
     intake: Arc<Semaphore>,
-    /// Per (destination, profile): the exports waiting behind the one in delivery. A key is
-    /// present exactly while a task delivers its head.
-    queues: Mutex<HashMap<QueueKey, VecDeque<Queued>>>,
+    /// The exports waiting for, or holding, their order keys.
+    order: Mutex<OrderTable<Ordered>>,
     pending: watch::Sender<u64>,
     options: EgressOptions,
     closed: AtomicBool,
@@ -254,7 +261,7 @@ impl Egress {
                 dead_letters,
                 unstored: Mutex::new(Vec::new()),
                 intake: Arc::new(Semaphore::new(capacity)),
-                queues: Mutex::new(HashMap::new()),
+                order: Mutex::new(OrderTable::default()),
                 pending,
                 options,
                 closed: AtomicBool::new(false),
@@ -360,29 +367,19 @@ impl Egress {
         rt.counters.exports.fetch_add(1, Ordering::Relaxed);
         rt.counters.pending.fetch_add(1, Ordering::Relaxed);
         self.shared.pending.send_modify(|n| *n += 1);
-        let key = (export.destination.clone(), export.profile.clone());
+        let destination = export.destination.clone();
+        let keys = order_keys(&export);
         let queued = Queued {
             export,
             submitted: Instant::now(),
             _permit: permit,
         };
-        let start = {
-            let mut queues = lock(&self.shared.queues);
-            match queues.entry(key) {
-                Entry::Occupied(mut e) => {
-                    e.get_mut().push_back(queued);
-                    None
-                }
-                Entry::Vacant(v) => {
-                    let key = v.key().clone();
-                    v.insert(VecDeque::new());
-                    Some((key, queued))
-                }
-            }
-        };
-        if let Some((key, first)) = start {
+        let start = lock(&self.shared.order).push(&destination, keys, (rt, queued));
+        if let Some((id, (rt, queued))) = start {
             let shared = self.shared.clone();
-            self.shared.runtime.spawn(run_queue(shared, rt, key, first));
+            self.shared
+                .runtime
+                .spawn(run_ordered(shared, rt, id, queued));
         }
     }
 
@@ -409,13 +406,11 @@ impl Egress {
     /// and returns them, in submission order per profile; the ones in delivery finish. For a
     /// shutdown that leaves queued exports to the next start (SPEC §7).
     pub fn cancel_queued(&self) -> Vec<Export> {
-        let mut withdrawn = Vec::new();
-        {
-            let mut queues = lock(&self.shared.queues);
-            for queue in queues.values_mut() {
-                withdrawn.extend(queue.drain(..));
-            }
-        }
+        let withdrawn: Vec<Queued> = lock(&self.shared.order)
+            .withdraw()
+            .into_iter()
+            .map(|(_, queued)| queued)
+            .collect();
         let destinations = self.read_destinations();
         for q in &withdrawn {
             if let Some(rt) = destinations.get(&q.export.destination) {
@@ -473,26 +468,31 @@ fn build_runtime(
     DestinationRuntime::new(settings, options)
 }
 
-/// Delivers a key's exports one after another until its queue is empty.
-async fn run_queue(shared: Arc<Shared>, rt: Arc<DestinationRuntime>, key: QueueKey, first: Queued) {
-    let mut current = first;
-    loop {
-        deliver_one(&shared, &rt, current).await;
-        let next = {
-            let mut queues = lock(&shared.queues);
-            match queues.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => Some(next),
-                None => {
-                    queues.remove(&key);
-                    None
-                }
-            }
-        };
-        match next {
-            Some(next) => current = next,
-            None => return,
-        }
+/// The order keys of an export: its identities, or its profile name when it has none.
+fn order_keys(export: &Export) -> Vec<u64> {
+    if export.order_keys.is_empty() {
+        vec![streamdest_operators::input::stable_hash(&export.profile)]
+    } else {
+        export.order_keys.clone()
     }
+}
+
+/// Delivers one export, then starts those that were waiting for it.
+fn run_ordered(
+    shared: Arc<Shared>,
+    rt: Arc<DestinationRuntime>,
+    id: u64,
+    queued: Queued,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        deliver_one(&shared, &rt, queued).await;
+        let ready = lock(&shared.order).finish(id);
+        for (id, (rt, queued)) in ready {
+            shared
+                .runtime
+                .spawn(run_ordered(shared.clone(), rt, id, queued));
+        }
+    })
 }
 
 async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {

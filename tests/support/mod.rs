@@ -265,6 +265,7 @@ pub fn export(destination: &str, profile: &str, epoch: u64) -> Export {
     Export {
         destination: destination.into(),
         profile: profile.into(),
+        order_keys: Vec::new(),
         epoch,
         idempotency_key: format!("{destination}/{profile}/{epoch}"),
         payload: Bytes::from(serde_json::json!({"profile": profile, "epoch": epoch}).to_string()),
