@@ -176,3 +176,77 @@ fn a_closed_standard_output_ends_quietly() {
         "{stderr}"
     );
 }
+
+/// A dead endpoint: failures are logged as JSON lines (`--log-format json`), rate-limited to a
+/// summary per destination, naming the profile and `Idempotency-Key`, with no Rust `Debug`
+/// wrappers in the fields.
+#[test]
+fn a_dead_endpoint_gives_a_few_json_warnings_not_one_per_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port(); // closed again: connections are refused
+    let config = serde_json::json!({
+        "mergePolicies": [{"id": "mp", "attributeMerge": "timestampOrdered", "identityStitching": "privateGraph"}],
+        "audiences": [{"id": "all", "mergePolicy": "mp", "rule": "true"}],
+        "destinations": [{"id": "d", "name": "Dead", "endpoint": format!("http://127.0.0.1:{port}/"),
+                          "audiences": [{"id": "all"}],
+                          "delivery": {"maxRetries": 0, "timeoutMs": 500}}]
+    });
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let mut events = String::new();
+    for i in 0..40 {
+        events.push_str(&format!(
+            "{{\"type\":\"fragment\",\"dataset\":\"crm\",\"id\":\"c{i}\",\"timestamp\":\"2024-05-01T10:00:00Z\",\"identityMap\":{{\"email\":[{{\"id\":\"p{i}@x.org\"}}]}}}}\n"
+        ));
+    }
+    let events_path = dir.path().join("events.ndjson");
+    std::fs::write(&events_path, events).expect("write events");
+    let data = dir.path().join("data");
+    let out = streamdest(
+        &[
+            "--log-format",
+            "json",
+            "replay",
+            "--config",
+            config_path.to_str().expect("utf-8"),
+            "--events",
+            events_path.to_str().expect("utf-8"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("dead-lettered 40"), "{stderr}");
+    let warnings: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "WARN")
+        .collect();
+    assert!(
+        (1..=2).contains(&warnings.len()),
+        "40 failures, {} warnings:\n{stderr}",
+        warnings.len()
+    );
+    let fields = &warnings[0]["fields"];
+    assert_eq!(fields["destination"], "d");
+    assert!(
+        fields["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{fields}"
+    );
+    assert!(
+        fields["profile"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("email:")),
+        "{fields}"
+    );
+    assert_eq!(fields["last_status"], "none");
+    assert!(!stderr.contains("Some("), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no colour codes into a pipe");
+}

@@ -2,11 +2,16 @@
 //! and compiles it into the dataflow's [`Plan`] and the egress's destination settings.
 //!
 //! - [`Config::from_json_str`] and [`Config::from_file`] parse and then [`Config::validate`];
-//!   an invalid configuration is refused as a whole with one [`ConfigError`] (the first problem
-//!   found) that names the field path, e.g. `destinations[0].auth.clientSecret: missing`,
-//!   `audiences[2].rule: audience "x": column 7: …`, or `line 3 column 5: …` for JSON syntax.
-//! - Unknown fields are ignored everywhere (as for events, SPEC §1), so configurations written
-//!   for a newer version still load; a known field with the wrong type is an error.
+//!   an invalid configuration is refused as a whole with a [`ConfigError`] that names the field
+//!   path, e.g. `destinations[0].auth.clientSecret: missing`, `audiences[2].rule: audience
+//!   "x": column 7: …`, or `line 3 column 5: …` for JSON syntax. It holds every unknown field
+//!   and each object's first problem (`ConfigError::also`), one line each when displayed; a
+//!   type error or a missing required field stops the typed parse, so it is reported with the
+//!   unknown fields only.
+//! - Unknown fields are errors naming the closest known field ([`unknown`], SPEC §2); events
+//!   keep ignoring theirs.
+//! - [`Config::unset_secrets`] reports `{"env": …}` secrets whose variable is not set, for the
+//!   commands that deliver.
 //! - [`Config::plan`] compiles a validated configuration into the dataflow's [`Plan`];
 //!   [`Destination::parsed_headers`] and [`Destination::request_url`] give the egress its
 //!   request settings; the `redacted_json` methods give the API's and `validate`'s view of every

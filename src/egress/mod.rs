@@ -543,13 +543,7 @@ async fn store_dead_letter(
     let (Some(tx), Some(store)) = (shared.dead_letter_tx.as_ref(), shared.dead_letters.as_ref())
     else {
         rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            destination = rt.id(),
-            attempts = round.attempts,
-            last_status = ?round.last_status,
-            last_error = %round.last_error,
-            "export failed and no dead-letter store is configured"
-        );
+        rt.warn_failure(&export.profile, &export.idempotency_key, None, round);
         return None;
     };
     let letter = NewDeadLetter {
@@ -572,20 +566,15 @@ async fn store_dead_letter(
     match result {
         Ok(id) => {
             rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                destination = rt.id(),
-                entry = id,
-                attempts = round.attempts,
-                last_status = ?round.last_status,
-                last_error = %round.last_error,
-                "export dead-lettered"
-            );
+            rt.warn_failure(&export.profile, &export.idempotency_key, Some(id), round);
             Some(id)
         }
         Err(error) => {
             rt.counters.not_stored.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 destination = rt.id(),
+                profile = %export.profile,
+                idempotency_key = %export.idempotency_key,
                 data_dir = %store.dir().display(),
                 %error,
                 "could not store a failed export in the dead-letter store: it is kept in memory only"

@@ -157,9 +157,9 @@ async fn redrive_entry(
         Err(e) => tracing::error!(entry = id, error = %e, "dead-letter store task failed"),
     }
     if delivered {
-        tracing::info!(destination = %entry.destination.id, entry = id, "redriven export delivered");
+        tracing::info!(destination = %entry.destination.id, entry = id, profile = %entry.profile, idempotency_key = %entry.idempotency_key, "redriven export delivered");
     } else {
-        tracing::warn!(destination = %entry.destination.id, entry = id, attempts, ?last_status, "redriven export failed again");
+        tracing::warn!(destination = %entry.destination.id, entry = id, profile = %entry.profile, idempotency_key = %entry.idempotency_key, attempts, last_status = %crate::egress::service::status_field(last_status), "redriven export failed again");
     }
     delivered
 }

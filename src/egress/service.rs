@@ -100,6 +100,24 @@ pub struct DestinationRuntime {
     pub in_flight: Arc<Semaphore>,
     pub counters: Counters,
     pub max_response_body: usize,
+    /// Dead letters not yet reported in a warning (see [`DestinationRuntime::warn_failure`]).
+    failures: std::sync::Mutex<FailureLog>,
+}
+
+/// Rate-limits the warnings of a failing destination: one line at once, then at most one
+/// summary a [`FAILURE_LOG_PERIOD`], however many exports fail.
+#[derive(Debug, Default)]
+struct FailureLog {
+    last: Option<std::time::Instant>,
+    since_last: u64,
+}
+
+/// How often a failing destination is reported at the default log level.
+pub const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// A status code for the logs: the number, or `none` when no response came.
+pub fn status_field(status: Option<u16>) -> String {
+    status.map_or_else(|| "none".to_owned(), |s| s.to_string())
 }
 
 impl DestinationRuntime {
@@ -129,11 +147,43 @@ impl DestinationRuntime {
             in_flight,
             counters: Counters::default(),
             max_response_body: options.max_response_body,
+            failures: Default::default(),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.settings.id
+    }
+
+    /// Reports an export that failed for good: the first at once, then one summary line a
+    /// period, counting the ones in between (a dead endpoint must not flood the log).
+    pub fn warn_failure(&self, profile: &str, key: &str, entry: Option<u64>, round: &RoundResult) {
+        let now = std::time::Instant::now();
+        let mut log = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        log.since_last += 1;
+        if log
+            .last
+            .is_some_and(|last| now.duration_since(last) < FAILURE_LOG_PERIOD)
+        {
+            return;
+        }
+        let failed = std::mem::take(&mut log.since_last);
+        log.last = Some(now);
+        drop(log);
+        let entry = entry.map_or_else(|| "none".to_owned(), |e| e.to_string());
+        tracing::warn!(
+            destination = self.id(),
+            profile,
+            idempotency_key = key,
+            entry = %entry,
+            attempts = round.attempts,
+            last_status = %status_field(round.last_status),
+            last_error = %round.last_error,
+            failed_since_last_report = failed,
+            dead_lettered_total = self.counters.dead_lettered.load(Ordering::Relaxed),
+            retried_total = self.counters.retried.load(Ordering::Relaxed),
+            "exports failed after their retries (one line per destination every 10 s at most)"
+        );
     }
 }
 
@@ -192,7 +242,13 @@ pub async fn deliver_round(
         let attempt = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
         let (status, error, retry_after) = match attempt {
             Attempt::Success(status) => {
-                tracing::debug!(destination = rt.id(), status, attempts, "delivered");
+                tracing::debug!(
+                    destination = rt.id(),
+                    idempotency_key,
+                    status,
+                    attempts,
+                    "delivered"
+                );
                 return RoundResult {
                     delivered: true,
                     attempts,
@@ -230,7 +286,7 @@ pub async fn deliver_round(
         }
         retries += 1;
         let delay = rt.policy.random_delay(retries, retry_after);
-        tracing::debug!(destination = rt.id(), ?status, %error, attempts, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+        tracing::debug!(destination = rt.id(), idempotency_key, status = %status_field(status), %error, attempts, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
         tokio::time::sleep(delay).await;
     }
 }
@@ -241,7 +297,7 @@ fn failed(
     status: Option<u16>,
     error: String,
 ) -> RoundResult {
-    tracing::debug!(destination = rt.id(), ?status, %error, attempts, "delivery failed");
+    tracing::debug!(destination = rt.id(), status = %status_field(status), %error, attempts, "delivery failed");
     RoundResult {
         delivered: false,
         attempts,
