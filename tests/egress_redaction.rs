@@ -133,7 +133,10 @@ fn secrets_stay_out_of_logs_debug_errors_and_the_store() {
     drop(rt);
 
     let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
-    assert!(logs.contains("failed after their retries"), "the capture works:\n{logs}");
+    assert!(
+        logs.contains("failed after their retries"),
+        "the capture works:\n{logs}"
+    );
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"));
     assert_clean("the logs", &logs);
 }
