@@ -87,6 +87,9 @@ enum Command {
         /// no secrets).
         #[arg(long)]
         dry_run: bool,
+        /// Also write the summary (counts per destination, latency, wall time) as JSON here.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -289,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             batch,
             data_dir,
             dry_run,
+            summary_json,
             cluster,
         } => {
             let path = config;
@@ -318,6 +322,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     summary.elapsed.as_secs_f64(),
                     summary.events as f64 / summary.elapsed.as_secs_f64().max(1e-9)
                 );
+                if let Some(path) = &summary_json {
+                    let json = serde_json::json!({
+                        "events": summary.events, "epochs": summary.epochs,
+                        "exports": summary.exports, "wallSeconds": summary.elapsed.as_secs_f64(),
+                    });
+                    std::fs::write(path, format!("{json:#}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
                 (summary, 0)
             } else {
                 let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
@@ -335,52 +347,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("starting the egress")?
                 };
                 let handler = Deliver::new(plan.clone(), egress.clone());
+                let started = std::time::Instant::now();
                 let (summary, _) = replay(plan, &options, handler).context("replay")?;
                 rt.block_on(egress.drain());
-                let stats = egress.stats();
                 let unstored = egress.unstored();
-                let q = |p: f64| stats.latency.value_at_quantile(p) as f64 / 1000.0;
-                // "dead-lettered" counts only what the store holds; what it could not take
-                // is counted apart.
-                let not_stored = if unstored.is_empty() {
-                    String::new()
-                } else {
-                    format!(", NOT STORED {}", unstored.len())
-                };
-                eprintln!(
-                    "replay: {} events in {} epochs, {:.2}s; exports {}, delivered {}, retried {}, dead-lettered {}{}; \
-                     delivery latency ms p50 {:.1} p95 {:.1} p99 {:.1} max {:.1}",
-                    summary.events,
-                    summary.epochs,
-                    summary.elapsed.as_secs_f64(),
-                    stats.exports,
-                    stats.delivered,
-                    stats.retried,
-                    stats.dead_lettered,
-                    not_stored,
-                    q(0.5),
-                    q(0.95),
-                    q(0.99),
-                    stats.latency.max() as f64 / 1000.0
-                );
-                if !unstored.is_empty() {
-                    // Their only copy is in this process: hand them over before exiting.
-                    let mut out = std::io::stdout().lock();
-                    for u in &unstored {
-                        writeln!(out, "{}", u.letter.list_json())
-                            .context("writing the unstored exports to standard output")?;
-                    }
-                    out.flush()
-                        .context("writing the unstored exports to standard output")?;
-                    let last_error = unstored.last().map(|u| u.error.as_str()).unwrap_or("");
-                    eprintln!(
-                        "streamdest: {} failed export(s) could NOT be stored in the dead-letter store in {} \
-                         (last error: {last_error}); they are written to standard output, one \
-                         `dead-letters list` line each",
-                        unstored.len(),
-                        data_dir.display()
-                    );
-                }
+                report_delivery(
+                    &summary,
+                    &egress,
+                    started.elapsed(),
+                    &data_dir,
+                    summary_json.as_deref(),
+                )?;
                 (summary, unstored.len())
             };
             if let Some(error) = summary.error {
@@ -395,4 +372,83 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The end of a delivering replay, on stderr: the totals, a line per destination, where the
+/// dead letters are, and the exports the store could not take (on stdout: their only copy).
+fn report_delivery(
+    summary: &streamdest::replay::FeedSummary,
+    egress: &Egress,
+    wall: std::time::Duration,
+    data_dir: &Path,
+    summary_json: Option<&Path>,
+) -> anyhow::Result<()> {
+    let stats = egress.stats();
+    let unstored = egress.unstored();
+    let q = |p: f64| stats.latency.value_at_quantile(p) as f64 / 1000.0;
+    // "dead-lettered" counts only what the store holds; what it could not take is counted
+    // apart.
+    let not_stored = if unstored.is_empty() {
+        String::new()
+    } else {
+        format!(", NOT STORED {}", unstored.len())
+    };
+    eprintln!(
+        "replay: {} events in {} epochs, {:.2}s; exports {}, delivered {}, retried {}, dead-lettered {}{}; \
+         delivery latency ms p50 {:.1} p95 {:.1} p99 {:.1} max {:.1}; wall time {:.2}s with the delivery drain",
+        summary.events,
+        summary.epochs,
+        summary.elapsed.as_secs_f64(),
+        stats.exports,
+        stats.delivered,
+        stats.retried,
+        stats.dead_lettered,
+        not_stored,
+        q(0.5),
+        q(0.95),
+        q(0.99),
+        stats.latency.max() as f64 / 1000.0,
+        wall.as_secs_f64()
+    );
+    for (id, d) in &stats.destinations {
+        eprintln!(
+            "  destination {id}: exports {}, delivered {}, retried {}, dead-lettered {}",
+            d.exports, d.delivered, d.retried, d.dead_lettered
+        );
+    }
+    if stats.dead_lettered > 0 {
+        eprintln!(
+            "  dead letters are in {dir}: `streamdest dead-letters list --data-dir {dir}` shows them, \
+             `streamdest dead-letters redrive --data-dir {dir}` re-sends them",
+            dir = data_dir.display()
+        );
+    }
+    if let Some(path) = summary_json {
+        let mut json = stats.to_json();
+        json["events"] = summary.events.into();
+        json["epochs"] = summary.epochs.into();
+        json["wallSeconds"] = wall.as_secs_f64().into();
+        json["deadLetterDir"] = data_dir.display().to_string().into();
+        std::fs::write(path, format!("{json:#}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !unstored.is_empty() {
+        // Their only copy is in this process: hand them over before exiting.
+        let mut out = std::io::stdout().lock();
+        for u in &unstored {
+            writeln!(out, "{}", u.letter.list_json())
+                .context("writing the unstored exports to standard output")?;
+        }
+        out.flush()
+            .context("writing the unstored exports to standard output")?;
+        let last_error = unstored.last().map(|u| u.error.as_str()).unwrap_or("");
+        eprintln!(
+            "streamdest: {} failed export(s) could NOT be stored in the dead-letter store in {} \
+             (last error: {last_error}); they are written to standard output, one \
+             `dead-letters list` line each",
+            unstored.len(),
+            data_dir.display()
+        );
+    }
+    Ok(())
 }

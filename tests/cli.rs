@@ -216,12 +216,29 @@ fn a_dead_endpoint_gives_a_few_json_warnings_not_one_per_export() {
             events_path.to_str().expect("utf-8"),
             "--data-dir",
             data.to_str().expect("utf-8"),
+            "--summary-json",
+            dir.path().join("summary.json").to_str().expect("utf-8"),
         ],
         &[],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("dead-lettered 40"), "{stderr}");
+    // The summary names each destination and where the dead letters are, also as JSON.
+    assert!(
+        stderr.contains("  destination d: exports 40, delivered 0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("streamdest dead-letters list --data-dir"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("summary.json")).expect("summary written"),
+    )
+    .expect("summary JSON");
+    assert_eq!(summary["destinations"]["d"]["deadLettered"], 40);
+    assert_eq!(summary["events"], 40);
     let warnings: Vec<serde_json::Value> = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
