@@ -21,39 +21,12 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use streamdest::config::{Auth, Delivery};
 use streamdest::storage::{DeadLetterStore, DestinationSettings, NewDeadLetter};
-use support::{Reply, TestServer};
+use support::{Reply, Run, TestServer};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const LOG: &str = "deadletters.log";
 const MAGIC_LEN: usize = 8;
 const FRAME_HEADER: usize = 8;
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_code(&self, code: i32, what: &str) {
-        assert_eq!(self.code, Some(code), "{what}: {}", self.describe());
-    }
-
-    fn json_lines(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
-    }
-}
 
 /// Runs `streamdest ARGS` in `dir` (output through pipes, which no file-size limit touches),
 /// optionally under `RLIMIT_FSIZE = fsize_limit` with `SIGXFSZ` ignored, so that writes past

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Recorded, Reply, TestServer};
+use support::{Recorded, Reply, Run, TestServer};
 
 /// A run of the binary that takes longer than this is a hang (each test stays far below).
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,35 +20,6 @@ const TOKEN: &str = "s3cr3t-replay-token";
 const PATH: &str = "/v1/profiles?fixed=1";
 /// The endpoint's own query, then `queryParameters`, in order.
 const TARGET: &str = "/v1/profiles?fixed=1&source=aep&env=test";
-
-/// What one run of the binary did.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_code(&self, code: i32, what: &str) {
-        assert_eq!(self.code, Some(code), "{what}: {}", self.describe());
-    }
-
-    /// The stdout lines, each parsed as JSON.
-    fn json_lines(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
-    }
-}
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 

@@ -1,5 +1,5 @@
-//! Test helpers for the egress: a scriptable HTTP/1.1 server on 127.0.0.1 (endpoint or token
-//! server), destination and export builders.
+//! Test helpers: a scriptable HTTP/1.1 server on 127.0.0.1 (endpoint or token server),
+//! destination and export builders, and what a run of the binary did.
 //!
 //! Each test binary uses a subset.
 #![allow(dead_code)]
@@ -309,4 +309,33 @@ pub fn egress_with(
     let egress =
         streamdest::egress::Egress::new(destinations, store, options).expect("valid egress");
     (egress, outcomes)
+}
+
+/// What one run of the binary did.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+
+    pub fn assert_code(&self, code: i32, what: &str) {
+        assert_eq!(self.code, Some(code), "{what}: {}", self.describe());
+    }
+
+    /// The stdout lines, each parsed as JSON.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
 }
