@@ -11,7 +11,7 @@ use streamdest::config::Config;
 use streamdest::egress::{self, Egress, EgressOptions};
 use streamdest::pipeline::Cluster;
 use streamdest::replay::{Deliver, DryRun, ReplayOptions, Source, replay};
-use streamdest::storage::deadletter::DeadLetterStore;
+use streamdest::storage::deadletter::{DeadLetterFilter, DeadLetterStore};
 
 #[derive(Parser)]
 #[command(
@@ -107,7 +107,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeadLetterAction {
-    /// Print one JSON object a line: destination, profile, attempts, lastStatus, lastError, payload.
+    /// Print one JSON object a line: destination, profile, attempts, lastStatus, lastError,
+    /// payload, entry (the id), idempotencyKey, firstFailedAt, lastFailedAt (RFC 3339 UTC).
     /// Exits 2 when corrupt records had to be skipped (the others are still printed).
     List {
         #[arg(long)]
@@ -116,12 +117,53 @@ enum DeadLetterAction {
         destination: Option<String>,
     },
     /// Give each entry one more round of its retry policy; exit 1 if any failed again.
+    /// The filters combine: an entry is re-sent when it matches all that are given.
     Redrive {
         #[arg(long)]
         data_dir: PathBuf,
-        #[arg(long)]
-        destination: Option<String>,
+        #[command(flatten)]
+        filter: DeadLetterFilterArgs,
     },
+    /// Remove entries for good (then rewrite the log without them); prints how many were
+    /// removed. Needs a filter, or --all.
+    Purge {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        filter: DeadLetterFilterArgs,
+        /// Remove every entry (required when no filter is given).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print one JSON object: total, and the counts per destination and per lastStatus
+    /// ("none" when no response was received). Exits 2 when corrupt records were skipped.
+    Summary {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeadLetterFilterArgs {
+    /// Only the entries of this destination.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Only this entry (the `entry` of `dead-letters list`); repeat for several.
+    #[arg(long = "entry", value_name = "ID")]
+    entries: Vec<u64>,
+    /// Only the entries of this profile ("namespace:id").
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+impl DeadLetterFilterArgs {
+    fn into_filter(self) -> DeadLetterFilter {
+        DeadLetterFilter {
+            destination: self.destination,
+            entries: self.entries,
+            profile: self.profile,
+        }
+    }
 }
 
 /// Where `replay` keeps its dead letters when `--data-dir` is not given.
@@ -229,61 +271,95 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => {
-            let (data_dir, destination, redrive) = match action {
-                DeadLetterAction::List {
-                    data_dir,
-                    destination,
-                } => (data_dir, destination, false),
-                DeadLetterAction::Redrive {
-                    data_dir,
-                    destination,
-                } => (data_dir, destination, true),
-            };
-            // The data directory must exist: a mistyped --data-dir is not an empty store.
-            if !redrive {
-                let store = DeadLetterStore::open_read_only(&data_dir).with_context(|| {
-                    format!("opening the dead-letter store in {}", data_dir.display())
-                })?;
-                let mut out = std::io::stdout().lock();
-                for line in egress::list_json_lines(&store, destination.as_deref()) {
-                    writeln!(out, "{line}").context("writing to standard output")?;
-                }
-                out.flush().context("writing to standard output")?;
-                // Corrupt records were skipped: the entries that could be read are listed,
-                // and the exit status is 2 (see storage::deadletter).
+            /// Names the corrupt records a read skipped on stderr; exit status 2 if any.
+            fn report_corrupt(store: &DeadLetterStore, command: &str) -> ExitCode {
+                // Corrupt records were skipped: what could be read is shown, and the exit
+                // status is 2 (see storage::deadletter).
                 let corrupt: Vec<String> = store
                     .damage()
                     .iter()
                     .filter(|d| d.is_corrupt())
                     .map(|d| d.offset.to_string())
                     .collect();
-                if !corrupt.is_empty() {
-                    eprintln!(
-                        "streamdest: dead-letters list: {}: skipped {} corrupt record(s) at byte offset {}; \
-                         the intact entries are listed (the next redrive or replay keeps a copy of the log \
-                         and rewrites it)",
-                        store.log_path().display(),
-                        corrupt.len(),
-                        corrupt.join(", ")
-                    );
-                    return Ok(ExitCode::from(2));
+                if corrupt.is_empty() {
+                    return ExitCode::SUCCESS;
                 }
-                return Ok(ExitCode::SUCCESS);
+                eprintln!(
+                    "streamdest: dead-letters {command}: {}: skipped {} corrupt record(s) at byte offset {}; \
+                     the intact entries are {} (the next redrive or replay keeps a copy of the log \
+                     and rewrites it)",
+                    store.log_path().display(),
+                    corrupt.len(),
+                    corrupt.join(", "),
+                    if command == "list" { "listed" } else { "counted" },
+                );
+                ExitCode::from(2)
             }
-            let store = DeadLetterStore::open_existing(&data_dir).with_context(|| {
+            let open_context = |data_dir: &std::path::Path| {
                 format!("opening the dead-letter store in {}", data_dir.display())
-            })?;
-            let report =
-                runtime()?.block_on(egress::redrive(Arc::new(store), destination.as_deref()));
-            eprintln!(
-                "redrive: {} delivered, {} failed again",
-                report.succeeded, report.failed
-            );
-            Ok(if report.failed > 0 {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            };
+            // The data directory must exist: a mistyped --data-dir is not an empty store.
+            match action {
+                DeadLetterAction::List {
+                    data_dir,
+                    destination,
+                } => {
+                    let store = DeadLetterStore::open_read_only(&data_dir)
+                        .with_context(|| open_context(&data_dir))?;
+                    let mut out = std::io::stdout().lock();
+                    for line in egress::list_json_lines(&store, destination.as_deref()) {
+                        writeln!(out, "{line}").context("writing to standard output")?;
+                    }
+                    out.flush().context("writing to standard output")?;
+                    Ok(report_corrupt(&store, "list"))
+                }
+                DeadLetterAction::Summary { data_dir } => {
+                    let store = DeadLetterStore::open_read_only(&data_dir)
+                        .with_context(|| open_context(&data_dir))?;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", egress::summary_json(&store))
+                        .and_then(|()| out.flush())
+                        .context("writing to standard output")?;
+                    Ok(report_corrupt(&store, "summary"))
+                }
+                DeadLetterAction::Redrive { data_dir, filter } => {
+                    let store = DeadLetterStore::open_existing(&data_dir)
+                        .with_context(|| open_context(&data_dir))?;
+                    let report = runtime()?.block_on(egress::redrive_matching(
+                        Arc::new(store),
+                        &filter.into_filter(),
+                    ));
+                    eprintln!(
+                        "redrive: {} delivered, {} failed again",
+                        report.succeeded, report.failed
+                    );
+                    Ok(if report.failed > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    })
+                }
+                DeadLetterAction::Purge {
+                    data_dir,
+                    filter,
+                    all,
+                } => {
+                    let filter = filter.into_filter();
+                    if filter.is_empty() && !all {
+                        anyhow::bail!(
+                            "dead-letters purge removes entries for good: give --destination, \
+                             --entry or --profile, or --all to remove every entry"
+                        );
+                    }
+                    let store = DeadLetterStore::open_existing(&data_dir)
+                        .with_context(|| open_context(&data_dir))?;
+                    let removed = store.purge(&filter).with_context(|| {
+                        format!("purging the dead-letter store in {}", data_dir.display())
+                    })?;
+                    println!("purged {removed} entr{}", if removed == 1 { "y" } else { "ies" });
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
         }
         Command::Replay {
             config,

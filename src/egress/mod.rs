@@ -47,7 +47,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-pub use redrive::{RedriveReport, list_json, list_json_lines, redrive};
+pub use redrive::{
+    RedriveReport, list_json, list_json_lines, redrive, redrive_matching, summary_json,
+};
 pub use retry::RetryPolicy;
 pub use service::{DestinationRuntime, RoundResult, ServiceOptions};
 pub use stats::{DestinationStats, EgressStats};
@@ -440,7 +442,7 @@ impl Egress {
             redrive::redrive_with(
                 &self.shared.transport,
                 store,
-                destination,
+                &crate::storage::deadletter::DeadLetterFilter::destination(destination),
                 &self.shared.options.service,
             )
             .await,

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::service::{DestinationRuntime, ServiceOptions, deliver_round};
 use super::transport::Transport;
+use crate::storage::deadletter::DeadLetterFilter;
 use crate::storage::{DeadLetter, DeadLetterStore, DestinationSettings};
 
 /// A destination ready to re-send to, or why its stored settings do not validate.
@@ -32,10 +33,19 @@ pub struct RedriveReport {
 /// Redrives the entries of `destination` (or all) with a fresh transport. Must run inside a
 /// tokio runtime.
 pub async fn redrive(store: Arc<DeadLetterStore>, destination: Option<&str>) -> RedriveReport {
+    redrive_matching(store, &DeadLetterFilter::destination(destination)).await
+}
+
+/// Redrives the entries `filter` matches (`--destination`, `--entry`, `--profile`) with a
+/// fresh transport. Must run inside a tokio runtime.
+pub async fn redrive_matching(
+    store: Arc<DeadLetterStore>,
+    filter: &DeadLetterFilter,
+) -> RedriveReport {
     redrive_with(
         &Transport::new(),
         store,
-        destination,
+        filter,
         &ServiceOptions::default(),
     )
     .await
@@ -44,13 +54,13 @@ pub async fn redrive(store: Arc<DeadLetterStore>, destination: Option<&str>) -> 
 pub(crate) async fn redrive_with(
     transport: &Transport,
     store: Arc<DeadLetterStore>,
-    destination: Option<&str>,
+    filter: &DeadLetterFilter,
     options: &ServiceOptions,
 ) -> RedriveReport {
     let entries = {
         let store = store.clone();
-        let filter = destination.map(str::to_string);
-        match tokio::task::spawn_blocking(move || store.list(filter.as_deref())).await {
+        let filter = filter.clone();
+        match tokio::task::spawn_blocking(move || store.list_matching(&filter)).await {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::error!(error = %e, "listing dead letters failed");
@@ -179,4 +189,37 @@ pub fn list_json_lines(store: &DeadLetterStore, destination: Option<&str>) -> Ve
         .iter()
         .map(|v| v.to_string())
         .collect()
+}
+
+/// The `dead-letters summary` object: `total`, then per destination (`destinations`, by id)
+/// and over all (`byStatus`) the counts per `lastStatus` (`"none"` when no response was
+/// received), keys in ascending order.
+pub fn summary_json(store: &DeadLetterStore) -> serde_json::Value {
+    fn status_key(status: Option<u16>) -> String {
+        status.map_or_else(|| "none".to_string(), |s| s.to_string())
+    }
+    let entries = store.list(None);
+    let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+    let mut destinations: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for e in &entries {
+        let key = status_key(e.last_status);
+        *by_status.entry(key.clone()).or_default() += 1;
+        let d = destinations.entry(e.destination.id.clone()).or_default();
+        d.0 += 1;
+        *d.1.entry(key).or_default() += 1;
+    }
+    let destinations: serde_json::Map<String, serde_json::Value> = destinations
+        .into_iter()
+        .map(|(id, (total, by_status))| {
+            (
+                id,
+                serde_json::json!({"total": total, "byStatus": by_status}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "total": entries.len(),
+        "destinations": destinations,
+        "byStatus": by_status,
+    })
 }

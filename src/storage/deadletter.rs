@@ -173,16 +173,66 @@ impl DeadLetter {
     }
 
     /// The `dead-letters list` object (SPEC §5): `destination`, `profile`, `attempts`,
-    /// `lastStatus`, `lastError`, `payload`, in that order.
+    /// `lastStatus`, `lastError`, `payload`, then `entry` (the id `redrive --entry` and
+    /// `purge --entry` take), `idempotencyKey`, `firstFailedAt` (when it was stored) and
+    /// `lastFailedAt` (its last failed delivery or redrive), RFC 3339 UTC, in that order.
     pub fn list_json(&self) -> serde_json::Value {
-        list_json(
+        let mut v = list_json(
             &self.destination.id,
             &self.profile,
             self.attempts,
             self.last_status,
             &self.last_error,
             &self.payload,
-        )
+        );
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("entry".into(), self.id.into());
+            obj.insert("idempotencyKey".into(), self.idempotency_key.clone().into());
+            obj.insert("firstFailedAt".into(), rfc3339(self.stored_at_ms).into());
+            obj.insert("lastFailedAt".into(), rfc3339(self.updated_at_ms).into());
+        }
+        v
+    }
+}
+
+/// Unix ms as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`).
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Which entries `dead-letters redrive|purge` act on: all conditions that are set must hold
+/// (`entries` empty means any id).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub destination: Option<String>,
+    /// Entry ids; an entry matches when its id is one of them.
+    pub entries: Vec<u64>,
+    /// `"namespace:id"`.
+    pub profile: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// Only a destination (or nothing).
+    pub fn destination(destination: Option<&str>) -> DeadLetterFilter {
+        DeadLetterFilter {
+            destination: destination.map(str::to_string),
+            ..DeadLetterFilter::default()
+        }
+    }
+
+    /// `true` when it matches every entry.
+    pub fn is_empty(&self) -> bool {
+        self.destination.is_none() && self.entries.is_empty() && self.profile.is_none()
+    }
+
+    pub fn matches(&self, entry: &DeadLetter) -> bool {
+        self.destination
+            .as_deref()
+            .is_none_or(|d| entry.destination.id == d)
+            && (self.entries.is_empty() || self.entries.contains(&entry.id))
+            && self.profile.as_deref().is_none_or(|p| entry.profile == p)
     }
 }
 
@@ -585,6 +635,17 @@ impl DeadLetterStore {
             .collect()
     }
 
+    /// The entries that `filter` matches, oldest first.
+    pub fn list_matching(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
+        let inner = self.lock();
+        inner
+            .entries
+            .values()
+            .filter(|e| filter.matches(e))
+            .cloned()
+            .collect()
+    }
+
     /// One entry.
     pub fn get(&self, id: u64) -> Option<DeadLetter> {
         self.lock().entries.get(&id).cloned()
@@ -652,6 +713,51 @@ impl DeadLetterStore {
             self.compact_locked(&mut inner)?;
         }
         Ok(true)
+    }
+
+    /// Removes the entries `filter` matches (`dead-letters purge`): their `remove` records
+    /// are appended with one `fsync`, then the log is rewritten without them (compaction),
+    /// so the purged payloads and settings leave the disk. Returns how many were removed.
+    /// When the append fails part-way, the removes written whole are durable and applied,
+    /// and the error is returned; when only the compaction fails, the removal stands (the
+    /// next compaction drops the records) and the error is returned.
+    pub fn purge(&self, filter: &DeadLetterFilter) -> Result<usize, StoreError> {
+        let mut inner = self.lock();
+        if inner.file.is_none() {
+            return Err(StoreError::ReadOnly {
+                path: self.log_path(),
+            });
+        }
+        let ids: Vec<u64> = inner
+            .entries
+            .values()
+            .filter(|e| filter.matches(e))
+            .map(|e| e.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut frames = Vec::new();
+        let mut ends = Vec::with_capacity(ids.len());
+        for id in &ids {
+            encode_frame_into(&Record::Remove { id: *id }, &mut frames)?;
+            ends.push(frames.len());
+        }
+        let (done, error) = match self.append(&mut inner, &frames, &ends) {
+            Ok(_) => (ids.len(), None),
+            Err((done, error)) => (done, Some(error)),
+        };
+        for id in &ids[..done] {
+            inner.entries.remove(id);
+            if let Some(size) = inner.frame_sizes.remove(id) {
+                inner.live_bytes = inner.live_bytes.saturating_sub(size);
+            }
+        }
+        if let Some(error) = error {
+            return Err(error);
+        }
+        self.compact_locked(&mut inner)?;
+        Ok(done)
     }
 
     /// Rewrites the log with only the live entries.
