@@ -166,7 +166,70 @@ pub fn replay<H: ExportHandler>(
         options.batch,
         updates,
         handler,
+        Some(Progress::new()),
     )
+}
+
+/// The live progress of a replay on stderr: one line rewritten in place on a terminal (twice a
+/// second), one line every few seconds when stderr is a file or a pipe.
+pub struct Progress {
+    started: Instant,
+    last: Instant,
+    every: Duration,
+    terminal: bool,
+    shown: bool,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        use std::io::IsTerminal as _;
+        let terminal = std::io::stderr().is_terminal();
+        let now = Instant::now();
+        Progress {
+            started: now,
+            last: now,
+            every: if terminal {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(5)
+            },
+            terminal,
+            shown: false,
+        }
+    }
+
+    /// Shows the counts if it is time to.
+    fn tick(&mut self, events: u64, epochs: u64, exports: u64) {
+        let now = Instant::now();
+        if now.duration_since(self.last) < self.every {
+            return;
+        }
+        self.last = now;
+        let secs = now.duration_since(self.started).as_secs_f64();
+        let line = format!(
+            "replay: {events} events, {epochs} epochs, {exports} exports, {:.0} events/s, {secs:.0} s",
+            events as f64 / secs.max(1e-9)
+        );
+        if self.terminal {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+        self.shown = true;
+    }
+
+    /// Ends the in-place line, so that what follows starts on its own.
+    fn finish(&self) {
+        if self.terminal && self.shown {
+            eprintln!();
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
 }
 
 /// Feeds `updates` through a fresh pipeline, `batch` to an epoch.
@@ -177,6 +240,7 @@ pub fn feed<H: ExportHandler>(
     batch: usize,
     updates: impl Iterator<Item = Result<Update, String>>,
     handler: H,
+    mut progress: Option<Progress>,
 ) -> anyhow::Result<(FeedSummary, H)> {
     let mut handler = handler;
     let started = Instant::now();
@@ -186,6 +250,8 @@ pub fn feed<H: ExportHandler>(
         ..Default::default()
     };
     let (mut pipeline, stream) = Pipeline::start(plan, config)?;
+    let exported = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let exported_by_consumer = exported.clone();
     let consumer = std::thread::Builder::new()
         .name("exports".into())
         .spawn(move || -> anyhow::Result<(u64, H)> {
@@ -193,6 +259,7 @@ pub fn feed<H: ExportHandler>(
             let mut count = 0;
             while let Some((epoch, exports)) = stream.next_epoch() {
                 count += exports.len() as u64;
+                exported_by_consumer.store(count, std::sync::atomic::Ordering::Relaxed);
                 handler.epoch(epoch, exports)?;
                 stream.ack(epoch);
             }
@@ -210,6 +277,13 @@ pub fn feed<H: ExportHandler>(
             Ok(update) => {
                 builder.add(update);
                 summary.events += 1;
+                if let Some(p) = progress.as_mut() {
+                    p.tick(
+                        summary.events,
+                        pipeline.next_epoch(),
+                        exported.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                }
                 if builder.events() >= batch
                     && let Err(e) = pipeline.push(builder.finish())
                 {
@@ -230,6 +304,9 @@ pub fn feed<H: ExportHandler>(
         failure = Some(e);
     }
     summary.epochs = pipeline.next_epoch();
+    if let Some(p) = &progress {
+        p.finish();
+    }
     let finished = pipeline.finish();
     let (exports, handler) = consumer
         .join()
