@@ -291,7 +291,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     store.log_path().display(),
                     corrupt.len(),
                     corrupt.join(", "),
-                    if command == "list" { "listed" } else { "counted" },
+                    if command == "list" {
+                        "listed"
+                    } else {
+                        "counted"
+                    },
                 );
                 ExitCode::from(2)
             }
@@ -356,7 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let removed = store.purge(&filter).with_context(|| {
                         format!("purging the dead-letter store in {}", data_dir.display())
                     })?;
-                    println!("purged {removed} entr{}", if removed == 1 { "y" } else { "ies" });
+                    println!(
+                        "purged {removed} entr{}",
+                        if removed == 1 { "y" } else { "ies" }
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
             }

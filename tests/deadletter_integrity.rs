@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use streamdest::config::{Auth, Delivery};
-use streamdest::storage::{DeadLetterStore, DestinationSettings, NewDeadLetter};
+use streamdest::storage::{DeadLetterStore, DestinationSettings, NewDeadLetter, StoreError};
 use support::{Reply, Run, TestServer};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -108,6 +108,23 @@ fn limit_file_size(_command: &mut Command, _limit: u64) {
     panic!("file-size limits are only set up on Linux");
 }
 
+/// Opens the store for writing in this (multi-threaded) test process. The `flock` rides on
+/// the lock file's descriptor, which a child that another test is spawning at that moment
+/// holds too between its fork and its exec (close-on-exec closes it only then): a store just
+/// closed here can look locked for that instant, so `Locked` is retried briefly.
+fn open_store(dir: &Path) -> DeadLetterStore {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match DeadLetterStore::open(dir) {
+            Ok(store) => return store,
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening the store in {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn letter(profile: &str, url: &str) -> NewDeadLetter {
     NewDeadLetter {
         destination: DestinationSettings {
@@ -134,7 +151,7 @@ fn letter(profile: &str, url: &str) -> NewDeadLetter {
 /// A store in `dir` with entries `email:a`, `email:b`, `email:c` (one `put` record each);
 /// returns the byte ranges of the three frames.
 fn three_records(dir: &Path, url: &str) -> Vec<(usize, usize)> {
-    let store = DeadLetterStore::open(dir).unwrap();
+    let store = open_store(dir);
     for p in ["email:a", "email:b", "email:c"] {
         store.put(letter(p, url)).unwrap();
     }
@@ -289,7 +306,7 @@ fn opening_for_write_never_shortens_the_log_and_keeps_the_corrupt_original() {
 
     // The same through the library: a writer reopening the clean log changes nothing.
     let len = std::fs::metadata(&log).unwrap().len();
-    let store = DeadLetterStore::open(&data).unwrap();
+    let store = open_store(&data);
     assert_eq!(store.len(), 2);
     assert!(store.damage().is_empty());
     drop(store);
@@ -304,7 +321,7 @@ fn a_writer_keeps_the_records_after_a_corrupt_one_and_appends_after_them() {
     let frames = three_records(&data, "http://127.0.0.1:1/");
     let original = flip(&data.join(LOG), frames[0].0 + 2, 0x10);
     {
-        let store = DeadLetterStore::open(&data).unwrap();
+        let store = open_store(&data);
         let damage = store.damage();
         assert_eq!(damage.len(), 1, "{damage:?}");
         assert_eq!(damage[0].offset, frames[0].0 as u64);
@@ -525,4 +542,330 @@ fn a_replay_whose_dead_letters_do_not_fit_reports_them_and_fails() {
     let entries = again.json_lines();
     assert_eq!(entries.len(), stored);
     assert!(entries.iter().all(|e| e["attempts"] == 1), "not updated");
+}
+
+/// `letter(profile, url)` for destination `destination`, with `last_status`.
+fn letter_for(destination: &str, profile: &str, url: &str, status: Option<u16>) -> NewDeadLetter {
+    let mut l = letter(profile, url);
+    l.destination.id = destination.into();
+    l.last_status = status;
+    l
+}
+
+/// `streamdest dead-letters ACTION --data-dir DATA ARGS...`
+fn dead_letters(dir: &Path, action: &str, data: &Path, args: &[&str]) -> Run {
+    let mut all = vec!["dead-letters", action, "--data-dir", data.to_str().unwrap()];
+    all.extend_from_slice(args);
+    streamdest(dir, &all, None)
+}
+
+/// `(destination, profile)` of each listed entry, oldest first.
+fn listed(dir: &Path, data: &Path) -> Vec<(String, String)> {
+    let run = list(dir, data);
+    run.assert_code(0, "list");
+    run.json_lines()
+        .iter()
+        .map(|e| {
+            (
+                e["destination"].as_str().unwrap().to_string(),
+                e["profile"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(d, p)| (d.to_string(), p.to_string()))
+        .collect()
+}
+
+fn rfc3339_ms(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a string: {v}"));
+    assert!(s.ends_with('Z'), "not UTC: {s}");
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("{s}: {e}"))
+        .timestamp_millis()
+}
+
+#[test]
+fn list_shows_the_entry_id_idempotency_key_and_failure_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let before = chrono::Utc::now().timestamp_millis();
+    let store = open_store(&data);
+    let a = store.put(letter("email:a", "http://127.0.0.1:1/")).unwrap();
+    let b = store.put(letter("email:b", "http://127.0.0.1:1/")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // A failed redrive of b: its last failure is later than its first.
+    assert!(
+        store
+            .update(b.id, 4, Some(400), "HTTP 400 Bad Request")
+            .unwrap()
+    );
+    drop(store);
+    let after = chrono::Utc::now().timestamp_millis();
+
+    let run = list(dir.path(), &data);
+    run.assert_code(0, "list");
+    let entries = run.json_lines();
+    assert_eq!(entries.len(), 2, "{}", run.describe());
+    let keys: Vec<&str> = entries[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "destination",
+            "profile",
+            "attempts",
+            "lastStatus",
+            "lastError",
+            "payload",
+            "entry",
+            "idempotencyKey",
+            "firstFailedAt",
+            "lastFailedAt"
+        ]
+    );
+    assert_eq!(entries[0]["entry"], a.id);
+    assert_eq!(entries[1]["entry"], b.id);
+    assert_ne!(a.id, b.id);
+    assert_eq!(entries[0]["idempotencyKey"], "key-email:a");
+    assert_eq!(entries[1]["idempotencyKey"], "key-email:b");
+    let (a_first, a_last) = (
+        rfc3339_ms(&entries[0]["firstFailedAt"]),
+        rfc3339_ms(&entries[0]["lastFailedAt"]),
+    );
+    assert_eq!(a_first, a_last, "never re-driven");
+    assert_eq!(a_first, a.stored_at_ms);
+    let (b_first, b_last) = (
+        rfc3339_ms(&entries[1]["firstFailedAt"]),
+        rfc3339_ms(&entries[1]["lastFailedAt"]),
+    );
+    assert!(b_last >= b_first + 20, "{b_first} {b_last}");
+    for t in [a_first, b_first, b_last] {
+        assert!(
+            (before..=after).contains(&t),
+            "{t} not in {before}..={after}"
+        );
+    }
+    assert_eq!(entries[1]["attempts"], 4);
+    assert_eq!(entries[1]["lastStatus"], 400);
+}
+
+#[test]
+fn redrive_by_entry_and_by_profile_resends_only_those() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::always(Reply::ok()));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = open_store(&data);
+    let url = server.url("/in");
+    let ids: Vec<u64> = [
+        ("d", "email:a"),
+        ("d", "email:b"),
+        ("d", "email:c"),
+        ("e", "email:a"),
+        ("e", "email:d"),
+    ]
+    .iter()
+    .map(|(d, p)| store.put(letter_for(d, p, &url, Some(503))).unwrap().id)
+    .collect();
+    drop(store);
+    let keys = || -> Vec<String> {
+        server
+            .requests()
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap_or_default())
+            .collect()
+    };
+
+    // One entry by id: only it is sent (with its key) and removed.
+    let run = dead_letters(
+        dir.path(),
+        "redrive",
+        &data,
+        &["--entry", &ids[1].to_string()],
+    );
+    run.assert_code(0, "redrive --entry");
+    assert_eq!(keys(), ["key-email:b"]);
+    assert_eq!(
+        listed(dir.path(), &data),
+        pairs(&[
+            ("d", "email:a"),
+            ("d", "email:c"),
+            ("e", "email:a"),
+            ("e", "email:d")
+        ])
+    );
+
+    // A profile within one destination: the same profile elsewhere stays.
+    let run = dead_letters(
+        dir.path(),
+        "redrive",
+        &data,
+        &["--profile", "email:a", "--destination", "e"],
+    );
+    run.assert_code(0, "redrive --profile --destination");
+    assert_eq!(keys(), ["key-email:b", "key-email:a"]);
+    assert_eq!(
+        listed(dir.path(), &data),
+        pairs(&[("d", "email:a"), ("d", "email:c"), ("e", "email:d")])
+    );
+
+    // Filters that match nothing: nothing is sent.
+    let run = dead_letters(
+        dir.path(),
+        "redrive",
+        &data,
+        &["--entry", &ids[0].to_string(), "--destination", "e"],
+    );
+    run.assert_code(0, "redrive of no entry");
+    assert_eq!(server.count(), 2);
+
+    // --entry repeated.
+    let run = dead_letters(
+        dir.path(),
+        "redrive",
+        &data,
+        &[
+            "--entry",
+            &ids[0].to_string(),
+            "--entry",
+            &ids[4].to_string(),
+        ],
+    );
+    run.assert_code(0, "redrive --entry --entry");
+    assert_eq!(server.count(), 4);
+    assert_eq!(listed(dir.path(), &data), pairs(&[("d", "email:c")]));
+}
+
+#[test]
+fn purge_removes_the_matching_entries_for_good_and_needs_a_filter_or_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = open_store(&data);
+    let url = "http://127.0.0.1:1/";
+    let ids: Vec<u64> = [
+        ("d", "email:a"),
+        ("d", "email:b"),
+        ("d", "email:c"),
+        ("e", "email:a"),
+        ("e", "email:d"),
+    ]
+    .iter()
+    .map(|(d, p)| store.put(letter_for(d, p, url, Some(503))).unwrap().id)
+    .collect();
+    drop(store);
+    let log = data.join(LOG);
+    let log_text = || String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+
+    // No filter and no --all: refused, nothing removed.
+    let run = dead_letters(dir.path(), "purge", &data, &[]);
+    run.assert_code(1, "purge without a filter");
+    assert!(run.stderr.contains("--all"), "{}", run.describe());
+    assert_eq!(listed(dir.path(), &data).len(), 5);
+
+    // One entry: removed, and gone from the file (the log is rewritten without it).
+    assert!(log_text().contains("key-email:b"));
+    let run = dead_letters(
+        dir.path(),
+        "purge",
+        &data,
+        &["--entry", &ids[1].to_string()],
+    );
+    run.assert_code(0, "purge --entry");
+    assert_eq!(run.stdout.trim(), "purged 1 entry");
+    assert!(!log_text().contains("key-email:b"), "still on disk");
+    assert_eq!(
+        listed(dir.path(), &data),
+        pairs(&[
+            ("d", "email:a"),
+            ("d", "email:c"),
+            ("e", "email:a"),
+            ("e", "email:d")
+        ])
+    );
+
+    // A profile, then a profile within a destination, then a destination.
+    let run = dead_letters(
+        dir.path(),
+        "purge",
+        &data,
+        &["--profile", "email:a", "--destination", "e"],
+    );
+    run.assert_code(0, "purge --profile --destination");
+    assert_eq!(run.stdout.trim(), "purged 1 entry");
+    assert_eq!(
+        listed(dir.path(), &data),
+        pairs(&[("d", "email:a"), ("d", "email:c"), ("e", "email:d")])
+    );
+    let run = dead_letters(dir.path(), "purge", &data, &["--destination", "d"]);
+    run.assert_code(0, "purge --destination");
+    assert_eq!(run.stdout.trim(), "purged 2 entries");
+    assert_eq!(listed(dir.path(), &data), pairs(&[("e", "email:d")]));
+    let run = dead_letters(dir.path(), "purge", &data, &["--profile", "email:zz"]);
+    run.assert_code(0, "purge of nothing");
+    assert_eq!(run.stdout.trim(), "purged 0 entries");
+
+    // --all: the store is empty and the log is only its header.
+    let run = dead_letters(dir.path(), "purge", &data, &["--all"]);
+    run.assert_code(0, "purge --all");
+    assert_eq!(run.stdout.trim(), "purged 1 entry");
+    assert_eq!(std::fs::read(&log).unwrap().len(), MAGIC_LEN);
+    assert!(listed(dir.path(), &data).is_empty());
+    assert!(open_store(&data).is_empty());
+
+    // A missing data dir is an error, not an empty store.
+    let missing = dir.path().join("missing");
+    let run = dead_letters(dir.path(), "purge", &missing, &["--all"]);
+    run.assert_code(1, "purge of a missing data dir");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn summary_counts_entries_per_destination_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let run = dead_letters(dir.path(), "summary", &data, &[]);
+    run.assert_code(0, "summary of an empty store");
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v, json!({"total": 0, "destinations": {}, "byStatus": {}}));
+
+    let store = open_store(&data);
+    let url = "http://127.0.0.1:1/";
+    for (d, p, status) in [
+        ("d", "email:a", Some(503)),
+        ("d", "email:b", Some(503)),
+        ("d", "email:c", None),
+        ("e", "email:a", Some(400)),
+    ] {
+        store.put(letter_for(d, p, url, status)).unwrap();
+    }
+    drop(store);
+    let run = dead_letters(dir.path(), "summary", &data, &[]);
+    run.assert_code(0, "summary");
+    assert_eq!(run.stdout.lines().count(), 1, "one object: {}", run.stdout);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!({
+            "total": 4,
+            "destinations": {
+                "d": {"total": 3, "byStatus": {"503": 2, "none": 1}},
+                "e": {"total": 1, "byStatus": {"400": 1}},
+            },
+            "byStatus": {"400": 1, "503": 2, "none": 1},
+        })
+    );
 }

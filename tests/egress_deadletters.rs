@@ -276,9 +276,17 @@ async fn list_prints_one_json_object_per_entry() {
             "attempts",
             "lastStatus",
             "lastError",
-            "payload"
+            "payload",
+            "entry",
+            "idempotencyKey",
+            "firstFailedAt",
+            "lastFailedAt"
         ]
     );
+    let stored = &store.list(None)[0];
+    assert_eq!(v["entry"], stored.id);
+    assert_eq!(v["idempotencyKey"], stored.idempotency_key.as_str());
+    assert_eq!(v["firstFailedAt"], v["lastFailedAt"]);
     assert_eq!(v["destination"], "d");
     assert_eq!(v["profile"], "email:x");
     assert_eq!(v["attempts"], 1);

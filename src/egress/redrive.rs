@@ -42,13 +42,7 @@ pub async fn redrive_matching(
     store: Arc<DeadLetterStore>,
     filter: &DeadLetterFilter,
 ) -> RedriveReport {
-    redrive_with(
-        &Transport::new(),
-        store,
-        filter,
-        &ServiceOptions::default(),
-    )
-    .await
+    redrive_with(&Transport::new(), store, filter, &ServiceOptions::default()).await
 }
 
 pub(crate) async fn redrive_with(
