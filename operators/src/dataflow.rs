@@ -179,19 +179,23 @@ fn profiles<'s>(
     let views =
         views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
 
-    let (for_linker, direct) = route_fragment_marks(kind, sources.fragment_marks);
-    let mut to_profiles = views.concat(direct);
-    if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
-        let holds = holders.inner.map(|((identity, profile), epoch, diff)| {
-            (identity, AtIdentity::Holds { profile, diff }, epoch)
-        });
-        let at_identities =
-            holds
-                .concat(for_linker)
-                .concat(upload_marks(&plan, kind, sources.upload_writes));
-        meter.stream("messages to link", &at_identities);
-        to_profiles = to_profiles.concat(link(at_identities, kind == Stitching::PrivateGraph));
+    let scope = views.scope();
+    let mut to_profiles = vec![views];
+    let mut at_identities = Vec::new();
+    match route_fragment_marks(kind, sources.fragment_marks) {
+        MarksTo::Link(marks) => at_identities.push(marks),
+        MarksTo::Route(marks) => to_profiles.push(marks),
     }
+    if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
+        at_identities.push(holders.inner.map(|((identity, profile), epoch, diff)| {
+            (identity, AtIdentity::Holds { profile, diff }, epoch)
+        }));
+        at_identities.push(upload_marks(&plan, kind, sources.upload_writes));
+        let at_identities = scope.concatenate(at_identities);
+        meter.stream("messages to link", &at_identities);
+        to_profiles.push(link(at_identities, kind == Stitching::PrivateGraph));
+    }
+    let to_profiles = scope.concatenate(to_profiles);
     meter.stream("messages to route", &to_profiles);
     history(plan, kind, to_profiles)
 }
@@ -256,56 +260,47 @@ fn profile_members<'s>(
 type ToLinker<'s> = Stream<'s, Epoch, Vec<(IdKey, AtIdentity, Epoch)>>;
 type ToProfiles<'s> = Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>;
 
+/// Where a stitching's fragment marks go.
+enum MarksTo<'s> {
+    Link(ToLinker<'s>),
+    Route(ToProfiles<'s>),
+}
+
 /// Fragment marks, to the profile before and after the epoch: through the linker (an
 /// identity names the profile under `privateGraph`), or straight to the primary identity's
 /// profile (`none`).
 fn route_fragment_marks<'s>(
     kind: Stitching,
     marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
-) -> (ToLinker<'s>, ToProfiles<'s>) {
-    let empty_linker = marks
-        .clone()
-        .flat_map(|_: (FragmentMark, Epoch)| None::<(IdKey, AtIdentity, Epoch)>);
-    let empty_direct = marks
-        .clone()
-        .flat_map(|_: (FragmentMark, Epoch)| None::<(ProfileKey, ToProfile, Epoch)>);
+) -> MarksTo<'s> {
     match kind {
-        Stitching::PrivateGraph => (
-            marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
-                let before = m.before.map(|a| {
+        Stitching::PrivateGraph => {
+            MarksTo::Link(marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
+                let at = |identity: IdKey, before| {
                     let mark = AtIdentity::Fragment {
-                        before: true,
+                        before,
                         mark: m.mark.clone(),
                     };
-                    (a.identity, mark, epoch)
-                });
-                let after = m.after.map(|a| {
-                    let mark = AtIdentity::Fragment {
-                        before: false,
-                        mark: m.mark.clone(),
-                    };
-                    (a.identity, mark, epoch)
-                });
-                before.into_iter().chain(after)
-            }),
-            empty_direct,
-        ),
-        Stitching::None => (
-            empty_linker,
-            marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
-                let to = |profile: ProfileKey, role| {
-                    let mark = ToProfile::Mark {
-                        role,
-                        policy: None,
-                        mark: m.mark.clone(),
-                    };
-                    (profile, mark, epoch)
+                    (identity, mark, epoch)
                 };
-                let before = m.before.map(|a| to(a.primary, Role::Before));
-                let after = m.after.map(|a| to(a.primary, Role::After));
+                let before = m.before.map(|a| at(a.identity, true));
+                let after = m.after.map(|a| at(a.identity, false));
                 before.into_iter().chain(after)
-            }),
-        ),
+            }))
+        }
+        Stitching::None => MarksTo::Route(marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
+            let to = |profile: ProfileKey, role| {
+                let mark = ToProfile::Mark {
+                    role,
+                    policy: None,
+                    mark: m.mark.clone(),
+                };
+                (profile, mark, epoch)
+            };
+            let before = m.before.map(|a| to(a.primary, Role::Before));
+            let after = m.after.map(|a| to(a.primary, Role::After));
+            before.into_iter().chain(after)
+        })),
     }
 }
 
