@@ -56,18 +56,7 @@ fn streamdest(dir: &Path, args: &[&str], fsize_limit: Option<u64>) -> Run {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for streamdest") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = support::wait_or_kill(&mut child, RUN_TIMEOUT);
     let run = Run {
         code: status.and_then(|s| s.code()),
         stdout: out.join().expect("stdout reader"),

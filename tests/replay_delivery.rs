@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{Recorded, Reply, Run, TestServer};
@@ -38,18 +38,7 @@ fn streamdest(dir: &Path, args: &[&str]) -> Run {
         .stderr(File::create(&err_path).expect("stderr file"))
         .spawn()
         .expect("spawn streamdest");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for streamdest") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = support::wait_or_kill(&mut child, RUN_TIMEOUT);
     let run = Run {
         code: status.and_then(|s| s.code()),
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
