@@ -4,6 +4,7 @@
 //! lines → dataflow updates), the dataflow itself (the `streamdest-operators` crate),
 //! `egress` (exports → HTTP requests, retries, dead letters) and the command line in `main.rs`.
 
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod demo;
