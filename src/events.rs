@@ -313,7 +313,7 @@ impl Update {
                 let idx = plan
                     .audiences
                     .iter()
-                    .position(|a| a.id == audience)
+                    .position(|a| a.id == audience && !a.removed)
                     .ok_or_else(|| {
                         field_err("audience", format!("unknown audience {audience:?}"))
                     })?;

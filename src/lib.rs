@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod receiver;
 pub mod replay;
 pub mod secret;
+pub mod service;
 pub mod storage;
 pub mod synth;

@@ -63,6 +63,32 @@ enum Command {
     Bench(streamdest::bench::BenchArgs),
     /// A live demo on loopback: synthetic profiles, the pipeline, a local endpoint.
     Demo(streamdest::demo::DemoArgs),
+    /// The service: ingest and control API, write-ahead log, dataflow, egress. Survives a
+    /// restart (the data directory holds the log and what was delivered).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Dataflow worker threads (1 to 256).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        workers: u16,
+        /// The API's address (`127.0.0.1:0` picks a free port; the address is printed on
+        /// stderr).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The write-ahead log, the acknowledgements and the dead-letter store.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// When set, every route but /healthz needs `Authorization: Bearer <token>`.
+        #[arg(long, env = "STREAMDEST_API_TOKEN", hide_env_values = true)]
+        api_token: Option<String>,
+        /// The largest request body in bytes; larger ones get 413.
+        #[arg(long, default_value_t = streamdest::api::DEFAULT_MAX_BODY)]
+        max_body: u64,
+        /// Refuse requests (503 with Retry-After) while the write-ahead log holds more than
+        /// this many bytes (default: no limit).
+        #[arg(long, value_name = "BYTES")]
+        max_log_bytes: Option<u64>,
+    },
     /// Push a history of events through the dataflow and deliver every export.
     Replay {
         #[arg(long)]
@@ -239,6 +265,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             streamdest::demo::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            workers,
+            listen,
+            data_dir,
+            api_token,
+            max_body,
+            max_log_bytes,
+        } => {
+            streamdest::service::run(streamdest::service::RunOptions {
+                config,
+                workers: workers.into(),
+                listen,
+                data_dir,
+                api_token: api_token.filter(|t| !t.is_empty()),
+                max_body,
+                max_wal_bytes: max_log_bytes,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config: path } => {

@@ -18,7 +18,7 @@ use streamdest_operators::dataflow::build;
 use streamdest_operators::export::Encoded;
 use streamdest_operators::input::{Epoch, EpochInput};
 use streamdest_operators::meter::Meter;
-use streamdest_operators::plan::Plan;
+use streamdest_operators::plan::{Plan, Plans};
 use streamdest_operators::sink::{Completed, export_sink};
 use timely::WorkerConfig;
 
@@ -70,6 +70,7 @@ pub struct Pipeline {
     acked: Option<Epoch>,
     window: u64,
     next: Epoch,
+    plans: Plans,
 }
 
 /// The consumer end: completed epochs in order.
@@ -90,6 +91,8 @@ impl Pipeline {
     ) -> anyhow::Result<(Pipeline, ExportStream)> {
         let workers = config.workers.max(1);
         let meter = config.meter.clone();
+        let plans = Plans::new(plan);
+        let worker_plans = plans.clone();
         let mut args = vec!["-w".to_string(), workers.to_string()];
         let (peers, first_local) = match &config.cluster {
             Some(c) if c.processes > 1 => {
@@ -141,12 +144,12 @@ impl Pipeline {
                 .expect("each local worker takes its own channel once");
             let completed_tx = completed_tx.clone();
             let threads_tx = threads_tx.clone();
-            let plan = plan.clone();
+            let plans = worker_plans.clone();
             let meter = meter.clone();
             let index = worker.index();
             let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
-                let (inputs, candidates) = build(scope, plan.clone(), &meter);
-                export_sink(candidates, plan, index, move |c| {
+                let (inputs, candidates) = build(scope, plans.clone(), &meter);
+                export_sink(candidates, plans, index, move |c| {
                     let _ = completed_tx.send(c);
                 });
                 inputs
@@ -208,6 +211,7 @@ impl Pipeline {
             acked: None,
             window: config.window.max(1),
             next: 0,
+            plans,
         };
         let stream = ExportStream {
             completed: completed_rx,
@@ -242,6 +246,7 @@ impl Pipeline {
         {
             let a = self.acks.recv().context("the export consumer stopped")?;
             self.acked = Some(self.acked.map_or(a, |b| b.max(a)));
+            self.plans.forget_before(a);
         }
         inputs.resize_with(self.peers, EpochInput::default);
         for (local, sender) in self.senders.iter().enumerate() {
@@ -255,6 +260,14 @@ impl Pipeline {
         }
         self.next += 1;
         Ok(epoch)
+    }
+
+    /// Puts `plan` (dynamic, with its `change` set) in force from the next epoch and pushes
+    /// that epoch, empty: a control epoch (see `streamdest_operators::plan`). Single-process
+    /// only: the plans are shared by this process's workers.
+    pub fn push_control(&mut self, plan: Arc<Plan>) -> anyhow::Result<Epoch> {
+        self.plans.set(self.next, plan);
+        self.push(Vec::new())
     }
 
     /// Blocks until the consumer has acknowledged every epoch pushed so far.

@@ -27,8 +27,6 @@
 //! fragment version through `upsert`, `members` and `views`, and its mark through `link` and
 //! `route` (`cargo bench --bench dataflow -- --count` tabulates it).
 
-use std::sync::Arc;
-
 use differential_dataflow::VecCollection;
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
@@ -46,7 +44,7 @@ use crate::input::{
 use crate::link::{AtIdentity, Role, ToProfile, link};
 use crate::members::{AtAnchor, MemberChange, members};
 use crate::meter::Meter;
-use crate::plan::{AudienceIdx, Plan, Stitching};
+use crate::plan::{AudienceIdx, Plans, Stitching};
 use crate::stitch::{anchor, identity_profiles};
 use crate::upsert::{FragmentIdentities, FragmentMark, Upserted, upsert};
 use crate::view::{Member, views};
@@ -91,12 +89,15 @@ impl Inputs {
 }
 
 /// Builds the dataflow in `scope`. Returns the input handles and the export candidates of
-/// each epoch (see [`crate::sink`]). `meter` counts each stage's updates when it is on.
+/// each epoch (see [`crate::sink`]). `meter` counts each stage's updates when it is on. The
+/// dataflow's shape follows the first plan (every branch, when it is dynamic); each stage
+/// reads the plan in force at the epoch it acts on.
 pub fn build<'s>(
     scope: Scope<'s, Epoch>,
-    plan: Arc<Plan>,
+    plans: Plans,
     meter: &Meter,
 ) -> (Inputs, Stream<'s, Epoch, Vec<Candidate>>) {
+    let plan = plans.at(0);
     let (fragment_handle, fragment_writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
 
@@ -104,7 +105,7 @@ pub fn build<'s>(
         fragments,
         identities,
         marks: fragment_marks,
-    } = upsert(fragment_writes);
+    } = upsert(fragment_writes, plans.clone());
     meter.collection("upsert output (not arranged)", &fragments);
     meter.stream("fragment marks", &fragment_marks);
     let uploads = uploads(upload_writes.clone());
@@ -114,7 +115,7 @@ pub fn build<'s>(
         .into_iter()
         .map(|kind| {
             profiles(
-                plan.clone(),
+                &plans,
                 kind,
                 meter,
                 Sources {
@@ -159,14 +160,15 @@ fn uploads<'s>(writes: Stream<'s, Epoch, Vec<UploadRecord>>) -> Coll<'s, (IdKey,
 
 /// The export candidates of the profiles of one stitching.
 fn profiles<'s>(
-    plan: Arc<Plan>,
+    plans: &Plans,
     kind: Stitching,
     meter: &Meter,
     sources: Sources<'s>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
+    let plan = plans.at(0);
     let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
     let member_changes = profile_members(
-        &plan,
+        plans,
         kind,
         &sources.fragments,
         &holders,
@@ -174,7 +176,7 @@ fn profiles<'s>(
         meter,
     );
     meter.stream("messages to views (member changes)", &member_changes);
-    let views = views(plan.clone(), kind, member_changes);
+    let views = views(plans.clone(), kind, member_changes);
     meter.stream("messages to route: view changes", &views);
     let views =
         views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
@@ -190,14 +192,14 @@ fn profiles<'s>(
         at_identities.push(holders.inner.map(|((identity, profile), epoch, diff)| {
             (identity, AtIdentity::Holds { profile, diff }, epoch)
         }));
-        at_identities.push(upload_marks(&plan, kind, sources.upload_writes));
+        at_identities.push(upload_marks(plans, kind, sources.upload_writes));
         let at_identities = scope.concatenate(at_identities);
         meter.stream("messages to link", &at_identities);
         to_profiles.push(link(at_identities, kind == Stitching::PrivateGraph));
     }
     let to_profiles = scope.concatenate(to_profiles);
     meter.stream("messages to route", &to_profiles);
-    history(plan, kind, to_profiles)
+    history(plans.clone(), kind, to_profiles)
 }
 
 /// `(profile, member) ± 1`: each profile's fragments and upload memberships. Under
@@ -205,7 +207,7 @@ fn profiles<'s>(
 /// profile holding the identity, both kept by [`members`]; under `none` a fragment goes to its
 /// primary identity's profile directly.
 fn profile_members<'s>(
-    plan: &Arc<Plan>,
+    plans: &Plans,
     kind: Stitching,
     fragments: &Coll<'s, (FragKey, FragRef)>,
     holders: &Coll<'s, (IdKey, ProfileKey)>,
@@ -218,10 +220,12 @@ fn profile_members<'s>(
         .map(|((identity, profile), epoch, diff)| {
             (identity, AtAnchor::Holder(profile), epoch, diff)
         });
+    let plan = plans.at(0);
     if plan.has_uploads(kind) {
-        let plan = plan.clone();
+        let plans = plans.clone();
         at_anchors = at_anchors.concat(uploads.inner.flat_map(
             move |((identity, audience), epoch, diff)| {
+                let plan = plans.at(epoch);
                 let policy = plan.audiences[audience as usize].policy;
                 (plan.policies[policy as usize].stitching == kind).then_some((
                     identity,
@@ -306,12 +310,13 @@ fn route_fragment_marks<'s>(
 
 /// Upload marks of the audiences of `kind`'s policies, to the linker.
 fn upload_marks<'s>(
-    plan: &Arc<Plan>,
+    plans: &Plans,
     kind: Stitching,
     writes: Stream<'s, Epoch, Vec<UploadRecord>>,
 ) -> ToLinker<'s> {
-    let plan = plan.clone();
+    let plans = plans.clone();
     writes.flat_map(move |((audience, identity), write, epoch): UploadRecord| {
+        let plan = plans.at(epoch);
         let policy = plan.audiences[audience as usize].policy;
         (plan.policies[policy as usize].stitching == kind).then(|| {
             let mark = AtIdentity::Upload {

@@ -61,6 +61,9 @@ pub struct Candidate {
     pub seq: u64,
     /// The profile lost its last fragment in this epoch: exported with no attributes.
     pub tombstone: bool,
+    /// A control epoch newly mapped an audience the profile is realized in: exported to the
+    /// destinations that newly map it (SPEC §3 trigger 4).
+    pub backfill: bool,
 }
 
 impl Candidate {
@@ -137,8 +140,19 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
         let path = &plan.mapped_paths[i as usize];
         destination.attributes.iter().any(|a| a == path)
     });
-    let export =
-        status_changed || (realized_mapped && (candidate.identity_changed || wrote_mapped));
+    let backfilled = candidate.backfill
+        && plan.change.as_ref().is_some_and(|change| {
+            change.backfill.iter().any(|&(d, a)| {
+                d == dest
+                    && candidate
+                        .memberships
+                        .iter()
+                        .any(|m| m.audience == a && m.status == Status::Realized)
+            })
+        });
+    let export = status_changed
+        || backfilled
+        || (realized_mapped && (candidate.identity_changed || wrote_mapped));
     if !export {
         return None;
     }

@@ -5,6 +5,11 @@
 //! The gate holds one capability, for the least pending epoch, and mints from it a capability
 //! for each epoch it releases; when nothing is pending it holds none, so an idle operator never
 //! holds the frontier back.
+//!
+//! A *standing* gate (the stages that act on the control epochs of a changing plan, which may
+//! bring them no data) instead keeps its operator's initial capability at its input frontier,
+//! so that it can act on an epoch it was only [`EpochGate::touch`]ed for. It holds nothing back
+//! either: its capability never runs ahead of its input frontier.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +22,7 @@ use crate::input::Epoch;
 pub struct EpochGate<D> {
     pending: BTreeMap<Epoch, Vec<D>>,
     held: Option<Capability<Epoch>>,
+    standing: bool,
 }
 
 impl<D> Default for EpochGate<D> {
@@ -24,11 +30,37 @@ impl<D> Default for EpochGate<D> {
         EpochGate {
             pending: BTreeMap::new(),
             held: None,
+            standing: false,
         }
     }
 }
 
 impl<D> EpochGate<D> {
+    /// A standing gate, from the operator's initial capability (see the module doc).
+    pub fn standing(initial: Capability<Epoch>) -> Self {
+        EpochGate {
+            pending: BTreeMap::new(),
+            held: Some(initial),
+            standing: true,
+        }
+    }
+
+    /// The epoch up to which [`Self::touch`] is possible: a standing gate's capability.
+    pub fn standing_at(&self) -> Option<Epoch> {
+        self.held
+            .as_ref()
+            .filter(|_| self.standing)
+            .map(|c| *c.time())
+    }
+
+    /// Makes `epoch` pending even if it brings no data (a standing gate, `epoch` not before
+    /// [`Self::standing_at`]).
+    pub fn touch(&mut self, epoch: Epoch) {
+        if self.standing_at().is_some_and(|at| at <= epoch) {
+            self.pending.entry(epoch).or_default();
+        }
+    }
+
     /// Keeps `cap` if it is earlier than the one held.
     fn hold(&mut self, cap: Capability<Epoch>) {
         if self.held.as_ref().is_none_or(|h| cap.time() < h.time()) {
@@ -78,12 +110,25 @@ impl<D> EpochGate<D> {
         self.pending.first_key_value().map(|(e, _)| *e)
     }
 
-    /// Moves the held capability up to the earliest pending epoch, or lets it go.
-    pub fn release(&mut self) {
-        match self.pending.first_key_value() {
-            Some((epoch, _)) => {
-                if let Some(h) = self.held.as_mut() {
-                    h.downgrade(epoch);
+    /// Moves the held capability up to the earliest pending epoch, or lets it go (a standing
+    /// gate: up to its input frontier, and lets it go when the input has ended).
+    pub fn release(&mut self, frontier: &MutableAntichain<Epoch>) {
+        let pending = self.pending.first_key_value().map(|(e, _)| *e);
+        let target = if self.standing {
+            let at = frontier.frontier().iter().min().copied();
+            match (pending, at) {
+                (Some(p), Some(a)) => Some(p.min(a)),
+                (p, a) => p.or(a),
+            }
+        } else {
+            pending
+        };
+        match target {
+            Some(epoch) => {
+                if let Some(h) = self.held.as_mut()
+                    && *h.time() < epoch
+                {
+                    h.downgrade(&epoch);
                 }
             }
             None => self.held = None,

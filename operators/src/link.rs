@@ -231,7 +231,7 @@ pub fn link<'s>(
                         }
                     }
                 }
-                gate.release();
+                gate.release(frontier);
             }
         },
     )

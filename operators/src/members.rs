@@ -171,7 +171,7 @@ pub fn members<'s>(
                         }
                     }
                 }
-                gate.release();
+                gate.release(frontier);
             }
         },
     )

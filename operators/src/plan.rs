@@ -3,7 +3,23 @@
 //!
 //! The binary's `config` stage parses and validates the user's JSON and builds a [`Plan`]; the
 //! dataflow only ever reads it (it is shared by all workers behind an `Arc`).
+//!
+//! # Plans that change (the service)
+//!
+//! A replay runs on one plan. The service changes its plan while it runs (the control API):
+//! [`Plans`] holds the plan in force at each epoch, and a change takes effect at a *control
+//! epoch* of its own, whose plan carries a [`PlanChange`] (when, at which input position, and
+//! which destinations newly map which audiences: the backfill, SPEC §3 trigger 4). Such a plan
+//! is *dynamic*: its indices are stable across changes — policies, audiences, destinations and
+//! mapped paths are only ever appended; a deleted object stays as a `removed` entry — so that
+//! the state the dataflow keeps (records by policy slot, uploads by audience, marks by mapped
+//! path) keeps its meaning; and every branch of the dataflow is built, since a later change may
+//! need it.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use crate::input::Epoch;
 use crate::rule::Rule;
 
 /// Index of a merge policy in [`Plan::policies`].
@@ -37,6 +53,8 @@ pub struct PolicyPlan {
     pub id: String,
     pub merge: AttributeMerge,
     pub stitching: Stitching,
+    /// Deleted (a dynamic plan keeps the slot): it has no audiences.
+    pub removed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +72,8 @@ pub struct AudiencePlan {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// Deleted (a dynamic plan keeps the index): no profile qualifies, no status is kept.
+    pub removed: bool,
 }
 
 /// One audience mapped to a destination.
@@ -86,27 +106,47 @@ pub struct Plan {
     /// Per policy: every attribute path its rule audiences read (derived by `finish`).
     pub rule_paths: Vec<Vec<String>>,
     /// Every path some rule or mapping reads, sorted (derived by `finish`): a fragment's other
-    /// leaves can never reach an export, so ingest drops them.
+    /// leaves can never reach an export, so ingest drops them (not in a dynamic plan, where a
+    /// later change may read them).
     pub read_paths: Vec<String>,
+    /// The plan may change while the dataflow runs (see the module doc).
+    pub dynamic: bool,
+    /// Set on the plan of a control epoch: the change that made it.
+    pub change: Option<PlanChange>,
+}
+
+/// What a control epoch changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanChange {
+    /// When the change was accepted (µs since the Unix epoch): the `lastQualificationTime` of
+    /// the statuses it changes.
+    pub ts: i64,
+    /// Its input position (export `Idempotency-Key`s derive from it).
+    pub seq: u64,
+    /// `(destination, audience)` mappings that are new: every profile realized in the
+    /// audience is exported to the destination once (SPEC §3 trigger 4).
+    pub backfill: Vec<(DestinationIdx, AudienceIdx)>,
 }
 
 impl Plan {
     /// Builds the derived tables (`mapped_paths`). Call once after filling the other fields.
     pub fn finish(mut self) -> Self {
-        let mut paths: Vec<String> = self
-            .destinations
-            .iter()
-            .flat_map(|d| d.attributes.iter().cloned())
-            .collect();
-        paths.sort();
-        paths.dedup();
-        self.mapped_paths = paths;
+        if !self.dynamic {
+            let mut paths: Vec<String> = self
+                .destinations
+                .iter()
+                .flat_map(|d| d.attributes.iter().cloned())
+                .collect();
+            paths.sort();
+            paths.dedup();
+            self.mapped_paths = paths;
+        }
         self.rule_paths = (0..self.policies.len())
             .map(|p| {
                 let mut paths: Vec<String> = self
                     .audiences
                     .iter()
-                    .filter(|a| a.policy as usize == p)
+                    .filter(|a| a.policy as usize == p && !a.removed)
                     .filter_map(|a| match &a.kind {
                         AudienceKind::Rule(rule) => Some(rule.paths()),
                         AudienceKind::Upload => None,
@@ -130,11 +170,13 @@ impl Plan {
         self
     }
 
-    /// True when some rule or mapping reads the leaf at `leaf_path`.
+    /// True when some rule or mapping reads the leaf at `leaf_path` (always, in a dynamic plan).
     pub fn reads(&self, leaf_path: &str) -> bool {
-        self.read_paths
-            .iter()
-            .any(|p| crate::leaf::path_selects(p, leaf_path))
+        self.dynamic
+            || self
+                .read_paths
+                .iter()
+                .any(|p| crate::leaf::path_selects(p, leaf_path))
     }
 
     /// Indices into `mapped_paths` of the paths that select `leaf_path`.
@@ -146,7 +188,15 @@ impl Plan {
             .map(|(i, _)| i as u16)
     }
 
-    /// The audiences of a policy.
+    /// The mapped paths (indices into `mapped_paths`, sorted) that select some of `leaves`.
+    pub fn mapped_indices_of_all<'a>(&self, leaves: impl Iterator<Item = &'a str>) -> Vec<u16> {
+        let mut mapped: Vec<u16> = leaves.flat_map(|p| self.mapped_indices_of(p)).collect();
+        mapped.sort_unstable();
+        mapped.dedup();
+        mapped
+    }
+
+    /// The audiences of a policy (not the removed ones).
     pub fn audiences_of(
         &self,
         policy: PolicyIdx,
@@ -154,12 +204,15 @@ impl Plan {
         self.audiences
             .iter()
             .enumerate()
-            .filter(move |(_, a)| a.policy == policy)
+            .filter(move |(_, a)| a.policy == policy && !a.removed)
             .map(|(i, a)| (i as AudienceIdx, a))
     }
 
-    /// The stitching kinds some policy uses, in order.
+    /// The stitching kinds some policy uses, in order (both, in a dynamic plan).
     pub fn stitchings(&self) -> Vec<Stitching> {
+        if self.dynamic {
+            return vec![Stitching::PrivateGraph, Stitching::None];
+        }
         let mut kinds: Vec<Stitching> = self.policies.iter().map(|p| p.stitching).collect();
         kinds.sort();
         kinds.dedup();
@@ -177,11 +230,83 @@ impl Plan {
             .map(|(i, _)| i as PolicyIdx)
     }
 
-    /// True when some upload audience belongs to a policy of stitching `kind`.
+    /// True when some upload audience belongs to a policy of stitching `kind` (always, in a
+    /// dynamic plan).
     pub fn has_uploads(&self, kind: Stitching) -> bool {
-        self.audiences.iter().any(|a| {
-            matches!(a.kind, AudienceKind::Upload)
-                && self.policies[a.policy as usize].stitching == kind
-        })
+        self.dynamic
+            || self.audiences.iter().any(|a| {
+                matches!(a.kind, AudienceKind::Upload)
+                    && self.policies[a.policy as usize].stitching == kind
+            })
+    }
+}
+
+/// The plan in force at each epoch, shared by the workers of a process (see the module doc).
+#[derive(Clone, Debug)]
+pub struct Plans {
+    /// Plans by the first epoch they are in force.
+    by_epoch: Arc<RwLock<BTreeMap<Epoch, Arc<Plan>>>>,
+}
+
+impl Plans {
+    /// `plan` in force from epoch 0.
+    pub fn new(plan: Arc<Plan>) -> Plans {
+        Plans {
+            by_epoch: Arc::new(RwLock::new(BTreeMap::from([(0, plan)]))),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Epoch, Arc<Plan>>> {
+        self.by_epoch.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The plan in force at `epoch`.
+    pub fn at(&self, epoch: Epoch) -> Arc<Plan> {
+        let plans = self.read();
+        match plans.range(..=epoch).next_back() {
+            Some((_, plan)) => plan.clone(),
+            // Plans before the first kept one were forgotten: the first kept one is the oldest.
+            None => plans.values().next().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// True when the plans may change (the first plan is dynamic).
+    pub fn dynamic(&self) -> bool {
+        self.read().values().next().is_some_and(|p| p.dynamic)
+    }
+
+    /// Puts `plan` in force from `epoch` on. Call before pushing `epoch`'s input, with
+    /// `plan.change` set: `epoch` is then a control epoch.
+    pub fn set(&self, epoch: Epoch, plan: Arc<Plan>) {
+        self.by_epoch
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(epoch, plan);
+    }
+
+    /// The control epochs in `[from, to)`: the epochs whose plan carries a change.
+    pub fn control_epochs(&self, from: Epoch, to: Epoch) -> Vec<Epoch> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.read()
+            .range(from..to)
+            .filter(|(_, p)| p.change.is_some())
+            .map(|(e, _)| *e)
+            .collect()
+    }
+
+    /// True when `epoch` is a control epoch.
+    pub fn is_control(&self, epoch: Epoch) -> bool {
+        self.read().get(&epoch).is_some_and(|p| p.change.is_some())
+    }
+
+    /// Forgets the plans no epoch from `epoch` on can need (the one in force at `epoch` stays).
+    pub fn forget_before(&self, epoch: Epoch) {
+        let mut plans = self.by_epoch.write().unwrap_or_else(|p| p.into_inner());
+        let keep = plans.range(..=epoch).next_back().map(|(e, _)| *e);
+        if let Some(keep) = keep {
+            plans.retain(|e, _| *e >= keep);
+        }
     }
 }

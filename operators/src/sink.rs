@@ -7,7 +7,6 @@
 //! merges the workers' messages: an epoch is complete when every worker's `upper` is past it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Pipeline;
@@ -15,7 +14,7 @@ use timely::dataflow::operators::generic::Operator;
 
 use crate::export::{Candidate, Encoded, encode};
 use crate::input::Epoch;
-use crate::plan::{DestinationIdx, Plan};
+use crate::plan::{DestinationIdx, Plans};
 
 /// One worker's progress: every epoch below `upper` is complete on this worker, and `epochs`
 /// holds its exports of the epochs completed since its previous message.
@@ -31,7 +30,7 @@ pub struct Completed {
 /// block for long (hand the message to a channel).
 pub fn export_sink<'s>(
     candidates: Stream<'s, Epoch, Vec<Candidate>>,
-    plan: Arc<Plan>,
+    plans: Plans,
     worker: usize,
     mut emit: impl FnMut(Completed) + 'static,
 ) {
@@ -58,6 +57,7 @@ pub fn export_sink<'s>(
                 break;
             }
             let (epoch, candidates) = entry.remove_entry();
+            let plan = plans.at(epoch);
             let mut exports = Vec::new();
             for candidate in &candidates {
                 for dest in 0..plan.destinations.len() as DestinationIdx {

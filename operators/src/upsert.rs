@@ -23,6 +23,7 @@ use timely::dataflow::operators::generic::Operator;
 
 use crate::gate::EpochGate;
 use crate::input::{Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Mark};
+use crate::plan::Plans;
 
 /// Where a fragment version sits in the identity graph: one of its identities (its profile
 /// under `privateGraph`) and its primary identity (its profile under `none`).
@@ -82,18 +83,24 @@ fn identity_set(fragment: &Fragment) -> IdentitySet {
     fragment.identities.iter().map(|i| i.key()).collect()
 }
 
-/// Applies the writes.
-pub fn upsert<'s>(writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>) -> Upserted<'s> {
+/// Applies the writes. Under a dynamic plan the old version's mapped paths are taken from the
+/// plan of the epoch (paths may have become mapped since it was written).
+pub fn upsert<'s>(
+    writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>,
+    plans: Plans,
+) -> Upserted<'s> {
+    let dynamic = plans.dynamic();
     let all = writes.unary_frontier::<CapacityContainerBuilder<Vec<Out>>, _, _, _>(
         Exchange::new(|(key, _): &(FragKey, FragmentWrite)| *key),
         "Upsert",
-        |_initial, _info| {
+        move |_initial, _info| {
             let mut gate = EpochGate::default();
             let mut versions: FxHashMap<FragKey, Arc<Fragment>> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
                 while let Some((cap, writes)) = gate.next_complete(frontier) {
                     let epoch = *cap.time();
+                    let plan = dynamic.then(|| plans.at(epoch));
                     let mut session = output.session(&cap);
                     for (key, write) in writes {
                         let old = match &write.value {
@@ -104,7 +111,14 @@ pub fn upsert<'s>(writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>) -> U
                         let same_identities = matches!((&old, &write.value),
                             (Some(o), Some(n)) if o.identities == n.identities);
                         if let Some(old) = &old {
-                            mark.add_paths(&old.mapped);
+                            match &plan {
+                                Some(plan) => {
+                                    mark.add_paths(&plan.mapped_indices_of_all(
+                                        old.leaves.iter().map(|(p, _)| &**p),
+                                    ))
+                                }
+                                None => mark.add_paths(&old.mapped),
+                            }
                             session.give(Out::Fragment(((key, FragRef(old.clone())), epoch, -1)));
                             if !same_identities {
                                 session.give(Out::Identities((
@@ -128,7 +142,7 @@ pub fn upsert<'s>(writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>) -> U
                         session.give(Out::Mark((mark, epoch)));
                     }
                 }
-                gate.release();
+                gate.release(frontier);
             }
         },
     );

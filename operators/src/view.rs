@@ -23,7 +23,7 @@ use crate::members::{Counts, MemberChange};
 use crate::input::{Epoch, FragRef, Identity, ProfileKey};
 use crate::leaf::{Leaf, Path, path_selects};
 use crate::merge::merge;
-use crate::plan::{AudienceIdx, AudienceKind, Plan, Stitching};
+use crate::plan::{AudienceIdx, AudienceKind, Plan, Plans, Stitching};
 
 /// One value of a profile's group in the view `reduce`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -97,6 +97,12 @@ pub fn assemble<'a>(
     let policies = plan
         .policies_of(kind)
         .map(|policy| {
+            if plan.policies[policy as usize].removed {
+                return PolicyView {
+                    leaves: Vec::new(),
+                    qualified: Vec::new(),
+                };
+            }
             let rule_paths = &plan.rule_paths[policy as usize];
             let merged = merge(
                 &plan.policies[policy as usize].merge,
@@ -129,9 +135,9 @@ pub type ViewChange = (ProfileKey, Arc<ProfileView>, Epoch, isize);
 /// The view of every profile of `kind`: a keyed stage (exchanged by profile) that holds each
 /// profile's members and view, and once an epoch is complete recomputes the view of every
 /// profile whose members changed, emitting the old view retracted and the new one inserted
-/// when they differ.
+/// when they differ. At a control epoch (the plan changed) it recomputes every profile's view.
 pub fn views<'s>(
-    plan: Arc<Plan>,
+    plans: Plans,
     kind: Stitching,
     members: Stream<'s, Epoch, Vec<MemberChange>>,
 ) -> Stream<'s, Epoch, Vec<ViewChange>> {
@@ -143,8 +149,8 @@ pub fn views<'s>(
     members.unary_frontier::<CapacityContainerBuilder<Vec<ViewChange>>, _, _, _>(
         Exchange::new(|((profile, _), _, _): &MemberChange| *profile),
         "View",
-        move |_initial, _info| {
-            let mut gate = EpochGate::default();
+        move |initial, _info| {
+            let mut gate = control_gate(&plans, initial);
             let mut profiles: FxHashMap<ProfileKey, Profile> = FxHashMap::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
@@ -152,9 +158,14 @@ pub fn views<'s>(
                         (t, (p, m, d))
                     })
                 });
+                touch_control_epochs(&plans, &mut gate, frontier);
                 while let Some((cap, changes)) = gate.next_complete(frontier) {
                     let epoch = *cap.time();
+                    let plan = plans.at(epoch);
                     let mut touched = Vec::new();
+                    if plans.is_control(epoch) {
+                        touched.extend(profiles.keys().copied());
+                    }
                     for (profile, member, diff) in changes {
                         let state = profiles.entry(profile).or_default();
                         state
@@ -190,8 +201,39 @@ pub fn views<'s>(
                         }
                     }
                 }
-                gate.release();
+                gate.release(frontier);
             }
         },
     )
+}
+
+/// The gate of a stage that acts on every control epoch: standing when the plan may change.
+pub fn control_gate<D>(
+    plans: &Plans,
+    initial: timely::dataflow::operators::Capability<Epoch>,
+) -> EpochGate<D> {
+    if plans.dynamic() {
+        EpochGate::standing(initial)
+    } else {
+        EpochGate::default()
+    }
+}
+
+/// Makes the control epochs the input frontier has passed pending in `gate`.
+pub fn touch_control_epochs<D>(
+    plans: &Plans,
+    gate: &mut EpochGate<D>,
+    frontier: &timely::progress::frontier::MutableAntichain<Epoch>,
+) {
+    if let Some(from) = gate.standing_at() {
+        let to = frontier
+            .frontier()
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(Epoch::MAX);
+        for epoch in plans.control_epochs(from, to) {
+            gate.touch(epoch);
+        }
+    }
 }

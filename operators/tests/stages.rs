@@ -19,7 +19,7 @@ use streamdest_operators::link::{AtIdentity, Role, ToProfile, link};
 use streamdest_operators::members::{AtAnchor, MemberChange, members};
 use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{
-    AttributeMerge, AudienceKind, AudiencePlan, Plan, PolicyPlan, Stitching,
+    AttributeMerge, AudienceKind, AudiencePlan, Plan, Plans, PolicyPlan, Stitching,
 };
 use streamdest_operators::stitch::components;
 use streamdest_operators::upsert::{Anchor, IdentitySet, upsert};
@@ -245,7 +245,7 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
     let (changes, identities, marks) = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
-            let upserted = upsert(writes);
+            let upserted = upsert(writes, Plans::new(Arc::new(plan())));
             let captured = (
                 upserted.fragments.inner.capture(),
                 upserted.identities.inner.capture(),
@@ -401,6 +401,7 @@ fn plan() -> Plan {
             id: "p".into(),
             merge: AttributeMerge::TimestampOrdered,
             stitching: Stitching::PrivateGraph,
+            removed: false,
         }],
         audiences: (0..3)
             .map(|a| AudiencePlan {
@@ -410,6 +411,7 @@ fn plan() -> Plan {
                 kind: AudienceKind::Upload,
                 created_at: 0,
                 updated_at: 0,
+                removed: false,
             })
             .collect(),
         ..Plan::default()
@@ -669,7 +671,7 @@ fn views_change_only_when_the_view_does() {
             let (input, stream) = scope.new_input::<Vec<MemberChange>>();
             (
                 input,
-                views(plan, Stitching::PrivateGraph, stream).capture(),
+                views(Plans::new(plan), Stitching::PrivateGraph, stream).capture(),
             )
         });
         for (t, epoch) in changes.into_iter().enumerate() {

@@ -162,6 +162,48 @@ pub fn parse_value<T: DeserializeOwned>(value: Value) -> Result<T, ConfigError> 
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
 
+/// One object of the control API, parsed strictly: unknown fields are errors (with the closest
+/// known field), and every error is reported. Does not validate against the other objects.
+pub fn parse_strict<T: DeserializeOwned>(value: Value, kind: ObjectKind) -> Result<T, ConfigError> {
+    let kind = match kind {
+        ObjectKind::MergePolicy => unknown::Kind::MergePolicy,
+        ObjectKind::Audience => unknown::Kind::Audience,
+        ObjectKind::Destination => unknown::Kind::Destination,
+    };
+    let mut errors = Vec::new();
+    unknown::unknown_fields(&value, kind, "", &mut errors);
+    match parse_value::<T>(value) {
+        Ok(object) => {
+            ConfigError::collect(errors)?;
+            Ok(object)
+        }
+        Err(e) => {
+            errors.push(e);
+            ConfigError::collect(errors)?;
+            Err(ConfigError::new(ROOT, "invalid object"))
+        }
+    }
+}
+
+/// The kinds of objects of the control API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ObjectKind {
+    MergePolicy,
+    Audience,
+    Destination,
+}
+
+impl ObjectKind {
+    /// As the API's paths and messages name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::MergePolicy => "merge policy",
+            ObjectKind::Audience => "audience",
+            ObjectKind::Destination => "destination",
+        }
+    }
+}
+
 fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
     let path = format_path(err.path());
     let inner = err.inner();
@@ -852,6 +894,19 @@ impl AttributeMerge {
 }
 
 impl MergePolicy {
+    /// The dataflow's view of this policy.
+    pub fn plan(&self) -> PolicyPlan {
+        PolicyPlan {
+            id: self.id.clone(),
+            merge: self.attribute_merge.compile(),
+            stitching: match self.identity_stitching {
+                IdentityStitching::PrivateGraph => Stitching::PrivateGraph,
+                IdentityStitching::None => Stitching::None,
+            },
+            removed: false,
+        }
+    }
+
     /// The name, defaulting to the id.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.id)
@@ -897,6 +952,25 @@ impl MergePolicy {
 }
 
 impl Audience {
+    /// The dataflow's view of this audience, of policy `policy`; missing timestamps are
+    /// `now_ms` (a missing `updatedAt` the creation time).
+    pub fn plan(&self, policy: PolicyIdx, now_ms: i64) -> AudiencePlan {
+        let kind = match self.parsed_rule() {
+            Ok(Some(rule)) => AudienceKind::Rule(rule),
+            Ok(None) | Err(_) => AudienceKind::Upload,
+        };
+        let created_at = self.created_at.unwrap_or(now_ms);
+        AudiencePlan {
+            id: self.id.clone(),
+            name: self.display_name().to_owned(),
+            policy,
+            kind,
+            created_at,
+            updated_at: self.updated_at.unwrap_or(created_at),
+            removed: false,
+        }
+    }
+
     /// The name, defaulting to the id.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.id)
@@ -998,6 +1072,49 @@ impl AudienceMapping {
 }
 
 impl Destination {
+    /// Errors for every `{"env": …}` secret whose variable is not set.
+    pub fn unset_secrets(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        for (field, secret) in self.auth.secrets() {
+            if let SecretSource::Env { env } = secret.source()
+                && std::env::var_os(env).is_none()
+            {
+                errors.push(ConfigError::new(
+                    format!("auth.{field}.env"),
+                    format!("the environment variable {env} is not set"),
+                ));
+            }
+        }
+        ConfigError::collect(errors)
+    }
+
+    /// The dataflow's view of this destination; `audience` resolves a mapped audience's id
+    /// (an unknown one is left out).
+    pub fn plan(
+        &self,
+        audience: impl Fn(&str) -> Option<AudienceIdx>,
+        now_ms: i64,
+    ) -> DestinationPlan {
+        DestinationPlan {
+            id: self.id.clone(),
+            include_segment_names: self.include_segment_names,
+            include_segment_timestamps: self.include_segment_timestamps,
+            mappings: self
+                .audiences
+                .iter()
+                .filter_map(|m| {
+                    let created_at = m.mapping_created_at.unwrap_or(now_ms);
+                    Some(MappingPlan {
+                        audience: audience(m.id.as_str())?,
+                        created_at,
+                        updated_at: m.mapping_updated_at.unwrap_or(created_at),
+                    })
+                })
+                .collect(),
+            attributes: self.attributes.clone(),
+        }
+    }
+
     /// The name, defaulting to the id.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.id)
@@ -1152,19 +1269,16 @@ impl Config {
     /// path and variable name; never a value). Delivery needs them; `validate` and the start of
     /// a delivering `replay` check them.
     pub fn unset_secrets(&self) -> Result<(), ConfigError> {
-        let mut errors = Vec::new();
-        for (i, d) in self.destinations.iter().enumerate() {
-            for (field, secret) in d.auth.secrets() {
-                if let SecretSource::Env { env } = secret.source()
-                    && std::env::var_os(env).is_none()
-                {
-                    errors.push(ConfigError::new(
-                        format!("destinations[{i}].auth.{field}.env"),
-                        format!("the environment variable {env} is not set"),
-                    ));
-                }
-            }
-        }
+        let errors = self
+            .destinations
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                d.unset_secrets()
+                    .err()
+                    .map(|e| e.within(&format!("destinations[{i}]")))
+            })
+            .collect();
         ConfigError::collect(errors)
     }
 
@@ -1232,71 +1346,21 @@ impl Config {
             first_indices(self.merge_policies.iter().map(|p| p.id.as_str()));
         let audience_index: HashMap<&str, AudienceIdx> =
             first_indices(self.audiences.iter().map(|a| a.id.as_str()));
-
-        let policies = self
-            .merge_policies
-            .iter()
-            .map(|p| PolicyPlan {
-                id: p.id.clone(),
-                merge: p.attribute_merge.compile(),
-                stitching: match p.identity_stitching {
-                    IdentityStitching::PrivateGraph => Stitching::PrivateGraph,
-                    IdentityStitching::None => Stitching::None,
-                },
-            })
-            .collect();
-
-        let audiences = self
-            .audiences
-            .iter()
-            .map(|a| {
-                let kind = match a.parsed_rule() {
-                    Ok(Some(rule)) => AudienceKind::Rule(rule),
-                    Ok(None) | Err(_) => AudienceKind::Upload,
-                };
-                let created_at = a.created_at.unwrap_or(now_ms);
-                AudiencePlan {
-                    id: a.id.clone(),
-                    name: a.display_name().to_owned(),
-                    policy: policy_index
-                        .get(a.merge_policy.as_str())
-                        .copied()
-                        .unwrap_or(0),
-                    kind,
-                    created_at,
-                    updated_at: a.updated_at.unwrap_or(created_at),
-                }
-            })
-            .collect();
-
-        let destinations = self
-            .destinations
-            .iter()
-            .map(|d| DestinationPlan {
-                id: d.id.clone(),
-                include_segment_names: d.include_segment_names,
-                include_segment_timestamps: d.include_segment_timestamps,
-                mappings: d
-                    .audiences
-                    .iter()
-                    .filter_map(|m| {
-                        let audience = *audience_index.get(m.id.as_str())?;
-                        let created_at = m.mapping_created_at.unwrap_or(now_ms);
-                        Some(MappingPlan {
-                            audience,
-                            created_at,
-                            updated_at: m.mapping_updated_at.unwrap_or(created_at),
-                        })
-                    })
-                    .collect(),
-                attributes: d.attributes.clone(),
-            })
-            .collect();
-
         Plan {
-            policies,
-            audiences,
-            destinations,
+            policies: self.merge_policies.iter().map(MergePolicy::plan).collect(),
+            audiences: self
+                .audiences
+                .iter()
+                .map(|a| {
+                    let policy = policy_index.get(a.merge_policy.as_str()).copied();
+                    a.plan(policy.unwrap_or(0), now_ms)
+                })
+                .collect(),
+            destinations: self
+                .destinations
+                .iter()
+                .map(|d| d.plan(|id| audience_index.get(id).copied(), now_ms))
+                .collect(),
             ..Plan::default()
         }
         .finish()

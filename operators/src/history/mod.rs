@@ -16,6 +16,12 @@
 //! and exports the profiles that ended with no successor (tombstones). `decide` acts on `t`
 //! once every worker's `route` has, so it has every predecessor of its profiles; it writes the
 //! new records. Each profile is evaluated once per epoch in which it was touched.
+//!
+//! At a control epoch (the plan changed; no event belongs to it) `decide` gives every profile
+//! it evaluates the change's mark — its statuses then carry the change's time — and, when
+//! the change maps audiences anew, exports every profile realized in one of them to the
+//! destination that maps it (the backfill), once, together with any other export of the
+//! profile in that epoch.
 
 pub mod step;
 
@@ -33,10 +39,12 @@ use timely::scheduling::Activator;
 
 use crate::export::Candidate;
 use crate::gate::EpochGate;
+use crate::input::Mark;
 use crate::input::{Epoch, ProfileKey};
 use crate::link::{Role, ToProfile};
-use crate::plan::{Plan, Stitching};
+use crate::plan::{Plan, PlanChange, Plans, PolicyIdx, Stitching};
 use crate::view::ProfileView;
+use crate::view::{control_gate, touch_control_epochs};
 pub use step::{PolicyMark, Record};
 
 /// The state the two stages of one worker share.
@@ -99,18 +107,18 @@ impl Touch {
 
 /// History and decision for the profiles of stitching `kind`.
 pub fn history<'s>(
-    plan: Arc<Plan>,
+    plans: Plans,
     kind: Stitching,
     to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
 ) -> Stream<'s, Epoch, Vec<Candidate>> {
     let shared = Rc::new(RefCell::new(Shared::default()));
     let scope = to_profiles.scope();
-    let passes = route(plan.clone(), kind, to_profiles, shared.clone(), scope);
-    decide(plan, kind, passes, shared)
+    let passes = route(plans.clone(), kind, to_profiles, shared.clone(), scope);
+    decide(plans, kind, passes, shared)
 }
 
 fn route<'s>(
-    plan: Arc<Plan>,
+    plans: Plans,
     kind: Stitching,
     to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
     shared: Rc<RefCell<Shared>>,
@@ -139,6 +147,7 @@ fn route<'s>(
                     for (profile, message) in messages {
                         touched.entry(profile).or_default().add(message);
                     }
+                    let plan = plans.at(*cap.time());
                     let shared = shared.borrow();
                     let mut session = output.session(&cap);
                     for (profile, touch) in touched {
@@ -148,7 +157,7 @@ fn route<'s>(
                         }
                     }
                 }
-                gate.release();
+                gate.release(frontier);
             }
         },
     )
@@ -207,7 +216,7 @@ fn route_one(
 }
 
 fn decide<'s>(
-    plan: Arc<Plan>,
+    plans: Plans,
     kind: Stitching,
     passes: Stream<'s, Epoch, Vec<(ProfileKey, Pass)>>,
     shared: Rc<RefCell<Shared>>,
@@ -215,30 +224,48 @@ fn decide<'s>(
     passes.unary_frontier::<CapacityContainerBuilder<Vec<Candidate>>, _, _, _>(
         Exchange::new(|(profile, _): &(ProfileKey, Pass)| *profile),
         "Decide",
-        move |_initial, _info| {
-            let mut gate = EpochGate::default();
+        move |initial, _info| {
+            let mut gate = control_gate(&plans, initial);
             move |(input, frontier), output| {
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
+                touch_control_epochs(&plans, &mut gate, frontier);
                 let mut shared = shared.borrow_mut();
                 while let Some((cap, passes)) = gate.next_complete(frontier) {
+                    let epoch = *cap.time();
+                    let plan = plans.at(epoch);
+                    let change = plan.change.as_ref().filter(|_| plans.is_control(epoch));
                     let mut by_profile: FxHashMap<ProfileKey, Vec<Pass>> = FxHashMap::default();
                     for (profile, pass) in passes {
                         by_profile.entry(profile).or_default().push(pass);
                     }
                     let mut candidates = Vec::new();
+                    // At a control epoch: each profile's candidates, by policy.
+                    let mut emitted = FxHashMap::default();
+                    let control_mark = change.map(|c| (None, Mark::new(c.ts, c.seq, Vec::new())));
                     for (profile, passes) in by_profile {
+                        let first = candidates.len();
                         decide_one(
                             &plan,
                             kind,
                             &mut shared.records,
                             profile,
                             passes,
+                            control_mark.clone(),
                             &mut candidates,
                         );
+                        if change.is_some() {
+                            for (i, c) in candidates.iter().enumerate().skip(first) {
+                                emitted.insert((profile, c.policy), i);
+                            }
+                        }
+                    }
+                    if let Some(change) = change {
+                        let records = &shared.records;
+                        backfill(&plan, kind, change, records, &emitted, &mut candidates);
                     }
                     output.session(&cap).give_iterator(candidates.into_iter());
                 }
-                gate.release();
+                gate.release(frontier);
                 let decided = frontier
                     .frontier()
                     .iter()
@@ -256,6 +283,53 @@ fn decide<'s>(
     )
 }
 
+/// The backfill of a control epoch: every profile realized in a newly mapped audience gets a
+/// candidate marked `backfill` (the one it already has in this epoch, or a new one).
+fn backfill(
+    plan: &Plan,
+    kind: Stitching,
+    change: &PlanChange,
+    records: &FxHashMap<ProfileKey, Record>,
+    emitted: &FxHashMap<(ProfileKey, PolicyIdx), usize>,
+    out: &mut Vec<Candidate>,
+) {
+    let newly_mapped = |a| change.backfill.iter().any(|&(_, b)| a == b);
+    if !plan
+        .policies_of(kind)
+        .any(|p| plan.audiences_of(p).any(|(a, _)| newly_mapped(a)))
+    {
+        return;
+    }
+    for (&profile, record) in records {
+        for (slot, policy) in plan.policies_of(kind).enumerate() {
+            let Some(memberships) = record.memberships.get(slot) else {
+                continue;
+            };
+            let due = memberships
+                .iter()
+                .any(|m| m.status == crate::export::Status::Realized && newly_mapped(m.audience));
+            if !due {
+                continue;
+            }
+            match emitted.get(&(profile, policy)) {
+                Some(&i) => out[i].backfill = true,
+                None => out.push(Candidate {
+                    policy,
+                    view: record.view.clone(),
+                    slot,
+                    memberships: memberships.clone(),
+                    changed: Vec::new(),
+                    identity_changed: false,
+                    touched: Vec::new(),
+                    seq: change.seq,
+                    tombstone: false,
+                    backfill: true,
+                }),
+            }
+        }
+    }
+}
+
 /// Decides one profile from what `route` passed it.
 fn decide_one(
     plan: &Plan,
@@ -263,11 +337,12 @@ fn decide_one(
     records: &mut FxHashMap<ProfileKey, Record>,
     profile: ProfileKey,
     passes: Vec<Pass>,
+    control_mark: Option<PolicyMark>,
     out: &mut Vec<Candidate>,
 ) {
     let mut live = None;
     let mut predecessors = Vec::new();
-    let mut marks = Vec::new();
+    let mut marks: Vec<PolicyMark> = control_mark.into_iter().collect();
     for pass in passes {
         match pass {
             Pass::Live {

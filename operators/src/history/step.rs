@@ -127,6 +127,7 @@ pub fn decide(
                     touched: mark.touched,
                     seq: mark.seq,
                     tombstone: false,
+                    backfill: false,
                 });
             }
         }
@@ -175,6 +176,7 @@ pub fn tombstone(
             touched: Vec::new(),
             seq: mark.map_or(0, |m| m.seq),
             tombstone: true,
+            backfill: false,
         });
     }
 }
