@@ -282,20 +282,25 @@ impl Egress {
     }
 
     /// Adds or replaces a destination (control API). Exports already submitted keep the
-    /// settings they were submitted with; the new one starts with an empty token cache.
+    /// settings they were submitted with; the new one starts with an empty token cache and
+    /// keeps the counters.
     pub fn upsert_destination(&self, destination: &Destination) -> Result<(), EgressError> {
-        let rt = build_runtime(destination, &self.shared.options.service).map_err(|reason| {
-            EgressError::InvalidDestination {
-                index: 0,
-                id: destination.id.clone(),
-                reason,
-            }
-        })?;
+        let mut rt =
+            build_runtime(destination, &self.shared.options.service).map_err(|reason| {
+                EgressError::InvalidDestination {
+                    index: 0,
+                    id: destination.id.clone(),
+                    reason,
+                }
+            })?;
         let mut map = self
             .shared
             .destinations
             .write()
             .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = map.get(&destination.id) {
+            rt.counters = old.counters.clone();
+        }
         map.insert(destination.id.clone(), Arc::new(rt));
         Ok(())
     }

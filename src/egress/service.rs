@@ -98,7 +98,8 @@ pub struct DestinationRuntime {
     pub policy: RetryPolicy,
     pub timeout: Duration,
     pub in_flight: Arc<Semaphore>,
-    pub counters: Counters,
+    /// Shared with the runtime that replaces this one (a changed destination keeps counting).
+    pub counters: Arc<Counters>,
     pub max_response_body: usize,
     /// Dead letters not yet reported in a warning (see [`DestinationRuntime::warn_failure`]).
     failures: std::sync::Mutex<FailureLog>,
@@ -145,7 +146,7 @@ impl DestinationRuntime {
             policy,
             timeout,
             in_flight,
-            counters: Counters::default(),
+            counters: Arc::default(),
             max_response_body: options.max_response_body,
             failures: Default::default(),
         })

@@ -1,0 +1,633 @@
+//! `streamdest run`, driven as users drive it: the real binary on loopback, its HTTP API, a
+//! real endpoint, real signals and `kill -9`, real files in the data directory.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Recorded, Reply, TestServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A running `streamdest run`.
+struct Service {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Service {
+    fn start(config: &Path, data_dir: &Path, extra: &[&str]) -> Service {
+        Service::try_start(config, data_dir, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the service; `Err` with its stderr when it exits before listening.
+    fn try_start(config: &Path, data_dir: &Path, extra: &[&str]) -> Result<Service, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streamdest"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("STREAMDEST_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start streamdest run");
+        let mut pipe = child.stderr.take().expect("stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        {
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut sent = false;
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut text = stderr.lock().unwrap();
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if !sent
+                        && let Some(rest) = text.split("listening on http://").nth(1)
+                        && let Some(addr) = rest.split_whitespace().next()
+                        && let Ok(addr) = addr.parse()
+                    {
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
+                return Ok(Service {
+                    child,
+                    addr,
+                    stderr,
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(format!(
+                    "exited with {status} before listening:\n{}",
+                    stderr.lock().unwrap()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!(
+                    "not listening after {WAIT:?}:\n{}",
+                    stderr.lock().unwrap()
+                ));
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// One HTTP/1.1 request; returns the status and the body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        http(self.addr, method, path, headers, body)
+    }
+
+    fn json(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request(
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            &body.to_string(),
+        );
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn post_events(&self, events: &[Value]) -> u16 {
+        self.json("POST", "/v1/events", &Value::from(events.to_vec()))
+            .0
+    }
+
+    fn sigterm(mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = support::wait_or_kill(&mut self.child, WAIT);
+        status.and_then(|s| s.code())
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the service");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn config(endpoint: &str) -> Value {
+    json!({
+        "mergePolicies": [{"id": "p", "attributeMerge": "timestampOrdered", "identityStitching": "privateGraph"}],
+        "audiences": [
+            {"id": "johns", "mergePolicy": "p", "rule": "person.name.firstName = \"John\""},
+            {"id": "vip", "mergePolicy": "p", "source": "upload"}
+        ],
+        "destinations": [{"id": "d1", "name": "d1", "endpoint": format!("{endpoint}/d1"),
+            "audiences": [{"id": "johns"}], "attributes": ["person.name.firstName"],
+            "delivery": {"maxRetries": 0, "timeoutMs": 2000}}]
+    })
+}
+
+fn write_config(dir: &Path, config: &Value) -> PathBuf {
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+    path
+}
+
+fn person(id: &str, first: &str) -> Value {
+    json!({"type": "fragment", "dataset": "crm", "id": id,
+           "identityMap": {"email": [{"id": format!("{id}@x")}]},
+           "attributes": {"person": {"name": {"firstName": first}}}})
+}
+
+/// Waits until `server` has received `n` requests (or panics, naming what it got).
+fn wait_for(server: &TestServer, n: usize) -> Vec<Recorded> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = server.requests();
+        if got.len() >= n {
+            return got;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} requests after {WAIT:?}, expected {n}: {:?}",
+                got.len(),
+                got.iter()
+                    .map(|r| (r.target.clone(), r.body_str()))
+                    .collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// No more than `n` requests arrive within `quiet`.
+fn settles_at(server: &TestServer, n: usize, quiet: Duration) -> Vec<Recorded> {
+    std::thread::sleep(quiet);
+    let got = server.requests();
+    assert_eq!(
+        got.len(),
+        n,
+        "{:?}",
+        got.iter()
+            .map(|r| (r.target.clone(), r.body_str()))
+            .collect::<Vec<_>>()
+    );
+    got
+}
+
+fn email_of(r: &Recorded) -> String {
+    r.json()["identityMap"]["email"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_control_changes_and_backfill() {
+    let endpoint = TestServer::always(Reply::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &config(&endpoint.url("")));
+    let svc = Service::start(&cfg, &dir.path().join("data"), &[]);
+
+    assert_eq!(svc.request("GET", "/healthz", &[], "").0, 200);
+    // Events before any destination maps Jane's audience: only John goes out.
+    assert_eq!(
+        svc.post_events(&[person("john", "John"), person("jane", "Jane")]),
+        202
+    );
+    let got = wait_for(&endpoint, 1);
+    assert_eq!(got[0].target, "/d1");
+    assert_eq!(email_of(&got[0]), "john@x");
+    assert!(got[0].header("idempotency-key").is_some());
+
+    // A bad event at index 3 of 5: 400 naming it, and none of the five applied.
+    let mut batch: Vec<Value> = (0..5).map(|i| person(&format!("b{i}"), "John")).collect();
+    batch[3] = json!({"type": "fragment", "dataset": "crm"});
+    let (status, body) = svc.json("POST", "/v1/events", &Value::from(batch));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["index"], 3, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("id")),
+        "{body}"
+    );
+
+    // An upload to a rule audience, and to an unknown one, are refused.
+    let (status, _) = svc.json(
+        "POST",
+        "/v1/events",
+        &json!({"type": "uploadMembers", "audience": "nope", "add": [{"namespace": "email", "id": "x"}]}),
+    );
+    assert_eq!(status, 400);
+
+    // A new audience: Jane qualifies at once, but no destination maps it: nothing is sent.
+    let (status, body) = svc.json(
+        "PUT",
+        "/v1/audiences/janes",
+        &json!({"mergePolicy": "p", "rule": "person.name.firstName = \"Jane\""}),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["id"], "janes");
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/audiences/janes",
+        &json!({"mergePolicy": "p", "rule": "person.name.firstName = \"Jane\""}),
+    );
+    assert_eq!(status, 200, "replacing");
+
+    // A new destination mapping both: every realized profile is backfilled to it, once.
+    let d2 = json!({"name": "d2", "endpoint": endpoint.url("/d2"),
+        "audiences": [{"id": "johns"}, {"id": "janes"}], "attributes": ["person.name.firstName"],
+        "auth": {"type": "bearer", "token": "s3cr3t-token"}});
+    let (status, body) = svc.json("PUT", "/v1/destinations/d2", &d2);
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        !body.to_string().contains("s3cr3t-token"),
+        "the secret is redacted: {body}"
+    );
+    let got = wait_for(&endpoint, 3);
+    let mut backfilled: Vec<String> = got[1..]
+        .iter()
+        .inspect(|r| assert_eq!(r.target, "/d2"))
+        .map(email_of)
+        .collect();
+    backfilled.sort();
+    assert_eq!(backfilled, ["jane@x", "john@x"]);
+    let jane = got[1..]
+        .iter()
+        .find(|r| email_of(r) == "jane@x")
+        .expect("jane");
+    assert_eq!(
+        jane.json()["segmentMembership"]["ups"]["janes"]["status"],
+        "realized"
+    );
+    assert_eq!(
+        jane.header("authorization").as_deref(),
+        Some("Bearer s3cr3t-token")
+    );
+
+    // GET shows the object, redacted; unknown ids are 404; referenced objects 409.
+    let (status, body) = svc.json("GET", "/v1/destinations/d2", &Value::Null);
+    assert_eq!(status, 200);
+    assert_eq!(body["audiences"].as_array().map(Vec::len), Some(2));
+    assert!(!body.to_string().contains("s3cr3t-token"));
+    assert_eq!(svc.json("GET", "/v1/audiences/nope", &Value::Null).0, 404);
+    let (status, body) = svc.json("DELETE", "/v1/audiences/janes", &Value::Null);
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].is_string());
+    assert_eq!(
+        svc.json("DELETE", "/v1/merge-policies/p", &Value::Null).0,
+        409
+    );
+    assert_eq!(
+        svc.json("DELETE", "/v1/destinations/nope", &Value::Null).0,
+        404
+    );
+    // An invalid object: 400 naming the field, nothing changed.
+    let (status, body) = svc.json(
+        "PUT",
+        "/v1/destinations/d2",
+        &json!({"name": "d2", "endpoint": endpoint.url("/d2"), "audiences": [{"id": "johns"}], "atributes": []}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("atributes")),
+        "{body}"
+    );
+    assert_eq!(
+        svc.json("GET", "/v1/destinations/d2", &Value::Null).1["audiences"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // Removing an audience from a mapping, or changing attributes, sends nothing.
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/destinations/d2",
+        &json!({"name": "d2", "endpoint": endpoint.url("/d2"), "audiences": [{"id": "johns"}],
+                "attributes": ["person.name.firstName", "person.name.lastName"],
+                "auth": {"type": "bearer", "token": "s3cr3t-token"}}),
+    );
+    assert_eq!(status, 200);
+    let (status, _) = svc.json("DELETE", "/v1/audiences/janes", &Value::Null);
+    assert_eq!(status, 204);
+
+    // CSV members to the upload audience, then a destination mapping it: backfilled.
+    let (status, body) = svc.request(
+        "POST",
+        "/v1/audiences/vip/members",
+        &[("Content-Type", "text/csv")],
+        "namespace,id\nemail,jane@x\n",
+    );
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = svc.request(
+        "POST",
+        "/v1/audiences/vip/members",
+        &[("Content-Type", "text/csv")],
+        "email,jane@x\n",
+    );
+    assert_eq!(status, 400, "the header line is required");
+    assert!(
+        svc.request(
+            "POST",
+            "/v1/audiences/johns/members",
+            &[("Content-Type", "text/csv")],
+            "namespace,id\nemail,a\n"
+        )
+        .0 >= 400
+    );
+    settles_at(&endpoint, 3, Duration::from_millis(300));
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/destinations/d3",
+        &json!({"name": "d3", "endpoint": endpoint.url("/d3"), "audiences": [{"id": "vip"}]}),
+    );
+    assert_eq!(status, 201);
+    let got = wait_for(&endpoint, 4);
+    assert_eq!(got[3].target, "/d3");
+    assert_eq!(email_of(&got[3]), "jane@x");
+    settles_at(&endpoint, 4, Duration::from_millis(300));
+
+    // Metrics: JSON per destination, Prometheus text for all.
+    let (status, body) = svc.json("GET", "/v1/destinations/d2/metrics", &Value::Null);
+    assert_eq!(status, 200);
+    assert_eq!(body["delivered"], 2, "{body}");
+    let (status, text) = svc.request("GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    assert!(text.contains("streamdest_events_accepted_total"), "{text}");
+    assert!(
+        text.contains("streamdest_deliveries_total{destination=\"d2\"} 2"),
+        "{text}"
+    );
+    assert_eq!(svc.sigterm(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_take_effect_after_the_events_acknowledged_before_them() {
+    let endpoint = TestServer::always(Reply::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(&endpoint.url(""));
+    cfg["destinations"] = json!([]);
+    let cfg = write_config(dir.path(), &cfg);
+    let svc = Service::start(&cfg, &dir.path().join("data"), &[]);
+    // Events, then at once a destination: the backfill sees every event acknowledged
+    // before the change.
+    let events: Vec<Value> = (0..50).map(|i| person(&format!("p{i}"), "John")).collect();
+    assert_eq!(svc.post_events(&events), 202);
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/destinations/d",
+        &json!({"name": "d", "endpoint": endpoint.url("/d"), "audiences": [{"id": "johns"}]}),
+    );
+    assert_eq!(status, 201);
+    wait_for(&endpoint, 50);
+    settles_at(&endpoint, 50, Duration::from_millis(300));
+    // A change that moves every profile out: each exits, once, with the change's time.
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/audiences/johns",
+        &json!({"mergePolicy": "p", "rule": "person.name.firstName = \"Johnny\""}),
+    );
+    assert_eq!(status, 200);
+    let got = wait_for(&endpoint, 100);
+    for r in &got[50..] {
+        assert_eq!(
+            r.json()["segmentMembership"]["ups"]["johns"]["status"],
+            "exited"
+        );
+    }
+    settles_at(&endpoint, 100, Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_and_body_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &config("http://127.0.0.1:9"));
+    let svc = Service::start(
+        &cfg,
+        &dir.path().join("data"),
+        &["--api-token", "t0ken", "--max-body", "2000"],
+    );
+    let event = person("a", "Ann").to_string();
+    let json_type = ("Content-Type", "application/json");
+    assert_eq!(
+        svc.request("POST", "/v1/events", &[json_type], &event).0,
+        401
+    );
+    let wrong = ("Authorization", "Bearer nope");
+    assert_eq!(
+        svc.request("POST", "/v1/events", &[json_type, wrong], &event)
+            .0,
+        401
+    );
+    let right = ("Authorization", "Bearer t0ken");
+    assert_eq!(
+        svc.request("POST", "/v1/events", &[json_type, right], &event)
+            .0,
+        202
+    );
+    assert_eq!(svc.request("GET", "/healthz", &[], "").0, 200);
+    let big = format!("[{}]", vec![event.as_str(); 40].join(","));
+    let (status, body) = svc.request("POST", "/v1/events", &[json_type, right], &big);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(svc.request("GET", "/v1/audiences/vip", &[right], "").0, 200);
+    assert!(!svc.stderr().contains("t0ken"), "the token is never logged");
+}
+
+/// Starts with an endpoint whose second export hangs; `kill -9`; a restart sends the hung
+/// export again with the same key, and not the delivered one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_restart_sends_what_was_not_acknowledged_with_the_same_key() {
+    let hang = Arc::new(AtomicBool::new(false));
+    let endpoint = {
+        let hang = hang.clone();
+        TestServer::start(move |_| {
+            if hang.load(Ordering::SeqCst) {
+                Reply::Hang
+            } else {
+                Reply::ok()
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let cfg = write_config(dir.path(), &config(&endpoint.url("")));
+    let svc = Service::start(&cfg, &data, &[]);
+    assert_eq!(svc.post_events(&[person("a", "John")]), 202);
+    let first = wait_for(&endpoint, 1);
+    // The acknowledgement is recorded within a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    hang.store(true, Ordering::SeqCst);
+    assert_eq!(svc.post_events(&[person("b", "John")]), 202);
+    let hung = wait_for(&endpoint, 2);
+    svc.kill9();
+
+    hang.store(false, Ordering::SeqCst);
+    let svc = Service::start(&cfg, &data, &[]);
+    let got = wait_for(&endpoint, 3);
+    settles_at(&endpoint, 3, Duration::from_millis(500));
+    assert_eq!(email_of(&got[2]), "b@x");
+    assert_eq!(
+        got[2].header("idempotency-key"),
+        hung[1].header("idempotency-key")
+    );
+    assert_ne!(
+        got[2].header("idempotency-key"),
+        first[0].header("idempotency-key")
+    );
+
+    // SIGTERM: exit 0; a restart sends nothing more, and the state continues.
+    assert_eq!(svc.sigterm(), Some(0));
+    let svc = Service::start(&cfg, &data, &[]);
+    settles_at(&endpoint, 3, Duration::from_millis(500));
+    assert_eq!(
+        svc.post_events(&[json!({"type": "fragmentDelete", "dataset": "crm", "id": "a"})]),
+        202
+    );
+    let got = wait_for(&endpoint, 4);
+    assert_eq!(email_of(&got[3]), "a@x");
+    assert_eq!(
+        got[3].json()["segmentMembership"]["ups"]["johns"]["status"],
+        "exited"
+    );
+}
+
+fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut list: Vec<PathBuf> = std::fs::read_dir(data.join("wal"))
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    list.sort();
+    list
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_log_tail_is_cut_and_a_corrupt_record_stops_the_start() {
+    let endpoint = TestServer::always(Reply::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let cfg = write_config(dir.path(), &config(&endpoint.url("")));
+    let svc = Service::start(&cfg, &data, &[]);
+    for i in 0..3 {
+        assert_eq!(svc.post_events(&[person(&format!("p{i}"), "John")]), 202);
+    }
+    wait_for(&endpoint, 3);
+    assert_eq!(svc.sigterm(), Some(0));
+
+    // Power loss mid-write: half a frame at the end.
+    let segment = segments(&data).pop().expect("a segment");
+    let intact = std::fs::read(&segment).expect("read");
+    let mut torn = intact.clone();
+    torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, b'x', b'y']);
+    std::fs::write(&segment, &torn).expect("write");
+    let svc = Service::start(&cfg, &data, &[]);
+    settles_at(&endpoint, 3, Duration::from_millis(300));
+    assert_eq!(svc.post_events(&[person("p9", "John")]), 202);
+    wait_for(&endpoint, 4);
+    assert_eq!(svc.sigterm(), Some(0));
+
+    // A flipped byte in the middle of the log: the start stops, naming segment and offset.
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let middle = intact.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&segment, &bytes).expect("write");
+    let err = Service::try_start(&cfg, &data, &[])
+        .err()
+        .expect("the start fails");
+    let name = segment.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(err.contains(name) && err.contains("offset"), "{err}");
+    // Nothing was cut.
+    assert_eq!(std::fs::read(&segment).expect("read"), bytes);
+}
