@@ -434,6 +434,7 @@ impl EpochBuilder {
             .map(|w| EpochInput {
                 fragments: std::mem::take(&mut self.fragments[w]).into_iter().collect(),
                 uploads: std::mem::take(&mut self.uploads[w]).into_iter().collect(),
+                seeds: Vec::new(),
             })
             .collect()
     }

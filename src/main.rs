@@ -88,6 +88,14 @@ enum Command {
         /// this many bytes (default: no limit).
         #[arg(long, value_name = "BYTES")]
         max_log_bytes: Option<u64>,
+        /// Write a snapshot of the state every this many log records (each accepted request
+        /// is one), and delete the log behind it: restart time and disk use then follow the
+        /// state held, not the history.
+        #[arg(long, default_value_t = 20_000, value_name = "RECORDS", value_parser = clap::value_parser!(u64).range(1..))]
+        snapshot_every: u64,
+        /// Size of the log's segment files (tests; default 64 MiB).
+        #[arg(long, hide = true, value_name = "BYTES")]
+        log_segment_bytes: Option<u64>,
     },
     /// Push a history of events through the dataflow and deliver every export.
     Replay {
@@ -275,6 +283,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api_token,
             max_body,
             max_log_bytes,
+            snapshot_every,
+            log_segment_bytes,
         } => {
             streamdest::service::run(streamdest::service::RunOptions {
                 config,
@@ -284,6 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 api_token: api_token.filter(|t| !t.is_empty()),
                 max_body,
                 max_wal_bytes: max_log_bytes,
+                snapshot_records: snapshot_every,
+                segment_bytes: log_segment_bytes,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -16,10 +16,11 @@ use anyhow::{Context, anyhow};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use streamdest_operators::dataflow::build;
 use streamdest_operators::export::Encoded;
+use streamdest_operators::history::Seed;
 use streamdest_operators::input::{Epoch, EpochInput};
 use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{Plan, Plans};
-use streamdest_operators::sink::{Completed, export_sink};
+use streamdest_operators::sink::{Completed, SnapshotPart, export_sink, snapshot_sink};
 use timely::WorkerConfig;
 
 /// Timely's cluster options, for running one dataflow across processes.
@@ -81,6 +82,10 @@ pub struct ExportStream {
     pending: BTreeMap<Epoch, Vec<Encoded>>,
     ready: std::collections::VecDeque<(Epoch, Vec<Encoded>)>,
     done: bool,
+    snapshots: Receiver<SnapshotPart>,
+    /// Parts of snapshots received, by epoch.
+    parts: BTreeMap<Epoch, Vec<SnapshotPart>>,
+    workers: usize,
 }
 
 impl Pipeline {
@@ -121,6 +126,7 @@ impl Pipeline {
         );
 
         let (completed_tx, completed_rx) = crossbeam_channel::unbounded::<Completed>();
+        let (snapshot_tx, snapshot_rx) = crossbeam_channel::unbounded::<SnapshotPart>();
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..workers {
@@ -143,14 +149,18 @@ impl Pipeline {
                 .and_then(|mut r| r.get_mut(local).and_then(Option::take))
                 .expect("each local worker takes its own channel once");
             let completed_tx = completed_tx.clone();
+            let snapshot_tx = snapshot_tx.clone();
             let threads_tx = threads_tx.clone();
             let plans = worker_plans.clone();
             let meter = meter.clone();
             let index = worker.index();
             let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
-                let (inputs, candidates) = build(scope, plans.clone(), &meter);
-                export_sink(candidates, plans, index, move |c| {
+                let (inputs, candidates, records) = build(scope, plans.clone(), &meter);
+                export_sink(candidates, plans.clone(), index, move |c| {
                     let _ = completed_tx.send(c);
+                });
+                snapshot_sink(records, plans, index, move |part| {
+                    let _ = snapshot_tx.send(part);
                 });
                 inputs
             });
@@ -222,6 +232,9 @@ impl Pipeline {
             pending: BTreeMap::new(),
             ready: Default::default(),
             done: false,
+            snapshots: snapshot_rx,
+            parts: BTreeMap::new(),
+            workers,
         };
         Ok((pipeline, stream))
     }
@@ -267,6 +280,16 @@ impl Pipeline {
     /// only: the plans are shared by this process's workers.
     pub fn push_control(&mut self, plan: Arc<Plan>) -> anyhow::Result<Epoch> {
         self.plans.set(self.next, plan);
+        self.push(Vec::new())
+    }
+
+    /// Pushes an empty epoch at which the dataflow hands out every profile's record
+    /// ([`ExportStream::snapshot`]). Single-process only, like [`Self::push_control`].
+    pub fn push_snapshot(&mut self) -> anyhow::Result<Epoch> {
+        let mut plan = (*self.plans.at(self.next)).clone();
+        plan.change = None;
+        plan.snapshot = true;
+        self.plans.set(self.next, Arc::new(plan));
         self.push(Vec::new())
     }
 
@@ -333,6 +356,27 @@ impl ExportStream {
                     .sort_by(|a, b| (a.destination, &a.profile).cmp(&(b.destination, &b.profile)));
                 self.ready.push_back((epoch, exports));
             }
+        }
+    }
+
+    /// Every local worker's records at snapshot epoch `epoch` (pushed by
+    /// [`Pipeline::push_snapshot`]); blocks until all have reported, which is at the latest
+    /// soon after [`Self::next_epoch`] returned `epoch`.
+    pub fn snapshot(&mut self, epoch: Epoch) -> anyhow::Result<Vec<Seed>> {
+        loop {
+            if self
+                .parts
+                .get(&epoch)
+                .is_some_and(|p| p.len() >= self.workers)
+            {
+                let parts = self.parts.remove(&epoch).unwrap_or_default();
+                return Ok(parts.into_iter().flat_map(|p| p.records).collect());
+            }
+            let part = self
+                .snapshots
+                .recv()
+                .context("the dataflow stopped before its snapshot")?;
+            self.parts.entry(part.epoch).or_default().push(part);
         }
     }
 

@@ -542,7 +542,9 @@ async fn kill_9_then_restart_sends_what_was_not_acknowledged_with_the_same_key()
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let cfg = write_config(dir.path(), &config(&endpoint.url("")));
+    let mut cfg = config(&endpoint.url(""));
+    cfg["destinations"][0]["delivery"]["timeoutMs"] = json!(60_000);
+    let cfg = write_config(dir.path(), &cfg);
     let svc = Service::start(&cfg, &data, &[]);
     assert_eq!(svc.post_events(&[person("a", "John")]), 202);
     let first = wait_for(&endpoint, 1);
@@ -630,4 +632,73 @@ async fn a_torn_log_tail_is_cut_and_a_corrupt_record_stops_the_start() {
     assert!(err.contains(name) && err.contains("offset"), "{err}");
     // Nothing was cut.
     assert_eq!(std::fs::read(&segment).expect("read"), bytes);
+}
+
+/// Snapshots every 3 records on small log segments: the log behind a snapshot is deleted, and
+/// after `kill -9` a restart resumes from the snapshot — the export that was still unfinished
+/// when it was taken (its event's log is gone) goes out from the snapshot's outbox with its
+/// key, and nothing delivered is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_a_snapshot_and_its_outbox() {
+    let hang = Arc::new(AtomicBool::new(true));
+    let endpoint = {
+        let hang = hang.clone();
+        TestServer::start(move |r| {
+            if hang.load(Ordering::SeqCst) && r.body_str().contains("p4@x") {
+                Reply::Hang
+            } else {
+                Reply::ok()
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut cfg = config(&endpoint.url(""));
+    // The hung request must not time out (and be dead-lettered) before the kill.
+    cfg["destinations"][0]["delivery"]["timeoutMs"] = json!(60_000);
+    let cfg = write_config(dir.path(), &cfg);
+    let args = ["--snapshot-every", "3", "--log-segment-bytes", "300"];
+    let svc = Service::start(&cfg, &data, &args);
+    for i in 0..12 {
+        assert_eq!(svc.post_events(&[person(&format!("p{i}"), "John")]), 202);
+    }
+    let sent = wait_for(&endpoint, 12);
+    let hung = sent
+        .iter()
+        .find(|r| email_of(r) == "p4@x")
+        .expect("p4 was tried");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(data.join("snapshot.bin").exists(), "{}", svc.stderr());
+    let first = segments(&data)
+        .first()
+        .and_then(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
+        .expect("a segment");
+    assert!(
+        first > 4,
+        "the log before the snapshot is deleted (starts at {first})"
+    );
+    svc.kill9();
+
+    hang.store(false, Ordering::SeqCst);
+    let svc = Service::start(&cfg, &data, &args);
+    let got = wait_for(&endpoint, 13);
+    settles_at(&endpoint, 13, Duration::from_millis(500));
+    assert_eq!(email_of(&got[12]), "p4@x");
+    assert_eq!(
+        got[12].header("idempotency-key"),
+        hung.header("idempotency-key")
+    );
+    // The profiles keep their history: a delete exits one, with its identities.
+    assert_eq!(
+        svc.post_events(&[json!({"type": "fragmentDelete", "dataset": "crm", "id": "p0"})]),
+        202
+    );
+    let got = wait_for(&endpoint, 14);
+    assert_eq!(email_of(&got[13]), "p0@x");
+    assert_eq!(
+        got[13].json()["segmentMembership"]["ups"]["johns"]["status"],
+        "exited"
+    );
+    assert_eq!(svc.sigterm(), Some(0));
 }

@@ -37,7 +37,7 @@ use timely::dataflow::operators::{Concat, Concatenate};
 use timely::dataflow::{Scope, Stream};
 
 use crate::export::Candidate;
-use crate::history::history;
+use crate::history::{Seed, history};
 use crate::input::{
     Epoch, EpochInput, FragKey, FragRef, FragmentWrite, IdKey, ProfileKey, UploadWrite,
 };
@@ -50,12 +50,17 @@ use crate::upsert::{FragmentIdentities, FragmentMark, Upserted, upsert};
 use crate::view::{Member, views};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
+/// Each epoch's export candidates.
+pub type Candidates<'s> = Stream<'s, Epoch, Vec<Candidate>>;
+/// The records handed out at snapshot epochs.
+pub type Records<'s> = Stream<'s, Epoch, Vec<Seed>>;
 type UploadRecord = ((AudienceIdx, IdKey), UploadWrite, Epoch);
 
 /// The handles a worker pushes its share of each epoch into.
 pub struct Inputs {
     fragments: Handle<Epoch, CapacityContainerBuilder<Vec<(FragKey, FragmentWrite)>>>,
     uploads: Handle<Epoch, CapacityContainerBuilder<Vec<UploadRecord>>>,
+    seeds: Handle<Epoch, CapacityContainerBuilder<Vec<Seed>>>,
 }
 
 impl Inputs {
@@ -72,6 +77,9 @@ impl Inputs {
         for (key, write) in data.uploads {
             self.uploads.send((key, write, epoch));
         }
+        for seed in data.seeds {
+            self.seeds.send(seed);
+        }
         self.advance_to(epoch + 1);
     }
 
@@ -79,6 +87,7 @@ impl Inputs {
         if *self.fragments.time() < epoch {
             self.fragments.advance_to(epoch);
             self.uploads.advance_to(epoch);
+            self.seeds.advance_to(epoch);
         }
     }
 
@@ -88,18 +97,19 @@ impl Inputs {
     }
 }
 
-/// Builds the dataflow in `scope`. Returns the input handles and the export candidates of
-/// each epoch (see [`crate::sink`]). `meter` counts each stage's updates when it is on. The
+/// Builds the dataflow in `scope`. Returns the input handles, the export candidates of each
+/// epoch (see [`crate::sink`]) and the records handed out at snapshot epochs. `meter` counts each stage's updates when it is on. The
 /// dataflow's shape follows the first plan (every branch, when it is dynamic); each stage
 /// reads the plan in force at the epoch it acts on.
 pub fn build<'s>(
     scope: Scope<'s, Epoch>,
     plans: Plans,
     meter: &Meter,
-) -> (Inputs, Stream<'s, Epoch, Vec<Candidate>>) {
+) -> (Inputs, Candidates<'s>, Records<'s>) {
     let plan = plans.at(0);
     let (fragment_handle, fragment_writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
+    let (seed_handle, seeds) = scope.new_input::<Vec<Seed>>();
 
     let Upserted {
         fragments,
@@ -110,7 +120,7 @@ pub fn build<'s>(
     meter.stream("fragment marks", &fragment_marks);
     let uploads = uploads(upload_writes.clone());
 
-    let candidates: Vec<_> = plan
+    let (candidates, records): (Vec<_>, Vec<_>) = plan
         .stitchings()
         .into_iter()
         .map(|kind| {
@@ -124,15 +134,21 @@ pub fn build<'s>(
                     fragment_marks: fragment_marks.clone(),
                     uploads: uploads.clone(),
                     upload_writes: upload_writes.clone(),
+                    seeds: seeds.clone(),
                 },
             )
         })
-        .collect();
+        .unzip();
     let inputs = Inputs {
         fragments: fragment_handle,
         uploads: upload_handle,
+        seeds: seed_handle,
     };
-    (inputs, scope.concatenate(candidates))
+    (
+        inputs,
+        scope.concatenate(candidates),
+        scope.concatenate(records),
+    )
 }
 
 /// What every stitching reads.
@@ -142,6 +158,7 @@ struct Sources<'s> {
     fragment_marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
     upload_writes: Stream<'s, Epoch, Vec<UploadRecord>>,
+    seeds: Stream<'s, Epoch, Vec<Seed>>,
 }
 
 /// The upload memberships, `(identity, audience)`, from their upserts.
@@ -158,13 +175,14 @@ fn uploads<'s>(writes: Stream<'s, Epoch, Vec<UploadRecord>>) -> Coll<'s, (IdKey,
     .as_collection(|key, _| *key)
 }
 
-/// The export candidates of the profiles of one stitching.
+/// The export candidates of the profiles of one stitching, and their records at snapshot
+/// epochs.
 fn profiles<'s>(
     plans: &Plans,
     kind: Stitching,
     meter: &Meter,
     sources: Sources<'s>,
-) -> Stream<'s, Epoch, Vec<Candidate>> {
+) -> (Candidates<'s>, Records<'s>) {
     let plan = plans.at(0);
     let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
     let member_changes = profile_members(
@@ -199,7 +217,7 @@ fn profiles<'s>(
     }
     let to_profiles = scope.concatenate(to_profiles);
     meter.stream("messages to route", &to_profiles);
-    history(plans.clone(), kind, to_profiles)
+    history(plans.clone(), kind, to_profiles, sources.seeds)
 }
 
 /// `(profile, member) ± 1`: each profile's fragments and upload memberships. Under

@@ -190,10 +190,12 @@ pub struct UploadWrite {
 pub struct EpochInput {
     pub fragments: Vec<(FragKey, FragmentWrite)>,
     pub uploads: Vec<((AudienceIdx, IdKey), UploadWrite)>,
+    /// Profiles' records from a snapshot, pushed before the snapshot's inputs (a restart).
+    pub seeds: Vec<crate::history::Seed>,
 }
 
 impl EpochInput {
     pub fn is_empty(&self) -> bool {
-        self.fragments.is_empty() && self.uploads.is_empty()
+        self.fragments.is_empty() && self.uploads.is_empty() && self.seeds.is_empty()
     }
 }

@@ -40,7 +40,9 @@ pub enum AttributeMerge {
 }
 
 /// How fragments are grouped into profiles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Stitching {
     /// A profile is a connected component of fragments that share an identity.
     PrivateGraph,
@@ -113,6 +115,9 @@ pub struct Plan {
     pub dynamic: bool,
     /// Set on the plan of a control epoch: the change that made it.
     pub change: Option<PlanChange>,
+    /// Set on the plan of a snapshot epoch: `decide` hands out every profile's record (see
+    /// [`crate::history`]). Nothing else changes.
+    pub snapshot: bool,
 }
 
 /// What a control epoch changed.
@@ -284,16 +289,22 @@ impl Plans {
             .insert(epoch, plan);
     }
 
-    /// The control epochs in `[from, to)`: the epochs whose plan carries a change.
+    /// The control and snapshot epochs in `[from, to)`: the epochs whose plan carries a
+    /// change or asks for a snapshot.
     pub fn control_epochs(&self, from: Epoch, to: Epoch) -> Vec<Epoch> {
         if from >= to {
             return Vec::new();
         }
         self.read()
             .range(from..to)
-            .filter(|(_, p)| p.change.is_some())
+            .filter(|(_, p)| p.change.is_some() || p.snapshot)
             .map(|(e, _)| *e)
             .collect()
+    }
+
+    /// True when `epoch` is a snapshot epoch.
+    pub fn is_snapshot(&self, epoch: Epoch) -> bool {
+        self.read().get(&epoch).is_some_and(|p| p.snapshot)
     }
 
     /// True when `epoch` is a control epoch.

@@ -13,6 +13,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
 use crate::export::{Candidate, Encoded, encode};
+use crate::history::Seed;
 use crate::input::Epoch;
 use crate::plan::{DestinationIdx, Plans};
 
@@ -72,5 +73,53 @@ pub fn export_sink<'s>(
             upper,
             epochs,
         });
+    });
+}
+
+/// One worker's records at a snapshot epoch.
+#[derive(Debug)]
+pub struct SnapshotPart {
+    pub worker: usize,
+    pub epoch: Epoch,
+    pub records: Vec<Seed>,
+}
+
+/// Attaches the snapshot sink to the records `decide` hands out: once its frontier has passed
+/// a snapshot epoch, each worker emits its part (possibly empty), so the receiver knows when
+/// it has every worker's.
+pub fn snapshot_sink<'s>(
+    records: Stream<'s, Epoch, Vec<Seed>>,
+    plans: Plans,
+    worker: usize,
+    mut emit: impl FnMut(SnapshotPart) + 'static,
+) {
+    let mut pending: BTreeMap<Epoch, Vec<Seed>> = BTreeMap::new();
+    let mut reported: Epoch = 0;
+    records.sink(Pipeline, "SnapshotSink", move |(input, frontier)| {
+        input.for_each(|cap, records| {
+            if let Some(epoch) = cap.least() {
+                pending.entry(*epoch).or_default().append(records);
+            }
+        });
+        let upper = frontier
+            .frontier()
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(Epoch::MAX);
+        if upper <= reported {
+            return;
+        }
+        for epoch in plans.control_epochs(reported, upper) {
+            if plans.is_snapshot(epoch) {
+                emit(SnapshotPart {
+                    worker,
+                    epoch,
+                    records: pending.remove(&epoch).unwrap_or_default(),
+                });
+            }
+        }
+        pending.retain(|e, _| *e >= upper);
+        reported = upper;
     });
 }

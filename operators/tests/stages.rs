@@ -60,11 +60,11 @@ fn fragment(key: FragKey, identities: &[u64], seq: u64, mapped: Vec<u16>) -> Arc
     })
 }
 
+/// A captured stream of differential updates.
+type Captured<D> = Vec<(Epoch, Vec<(D, Epoch, isize)>)>;
+
 /// The updates of a captured stream, accumulated up to and including each epoch.
-fn accumulate<D: Ord + Clone>(
-    captured: Vec<(Epoch, Vec<(D, Epoch, isize)>)>,
-    epochs: Epoch,
-) -> Vec<BTreeMap<D, isize>> {
+fn accumulate<D: Ord + Clone>(captured: Captured<D>, epochs: Epoch) -> Vec<BTreeMap<D, isize>> {
     let mut at: BTreeMap<Epoch, Vec<(D, isize)>> = BTreeMap::new();
     for (_, updates) in captured {
         for (d, t, r) in updates {
@@ -580,7 +580,7 @@ fn members_follow_their_anchor_identity_and_uploads_every_holder() {
                 let change = match rng.below(3) {
                     0 => AtAnchor::Holder(100 + rng.below(3)),
                     1 => AtAnchor::Fragment(FragRef(fragment(
-                        1 << 63 | t * 8 + changes.len() as u64,
+                        (1 << 63) | (t * 8 + changes.len() as u64),
                         &[i],
                         t * 8 + changes.len() as u64,
                         vec![],

@@ -106,6 +106,9 @@ pub struct EgressOptions {
     pub queue_capacity: usize,
     pub service: ServiceOptions,
     pub on_outcome: Option<OutcomeCallback>,
+    /// Keep a copy of every export until it ends, for [`Egress::unfinished`] (the service's
+    /// snapshots); off by default.
+    pub track_unfinished: bool,
 }
 
 impl Default for EgressOptions {
@@ -114,6 +117,7 @@ impl Default for EgressOptions {
             queue_capacity: 16_384,
             service: ServiceOptions::default(),
             on_outcome: None,
+            track_unfinished: false,
         }
     }
 }
@@ -122,6 +126,7 @@ impl std::fmt::Debug for EgressOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EgressOptions")
             .field("queue_capacity", &self.queue_capacity)
+            .field("track_unfinished", &self.track_unfinished)
             .field("service", &self.service)
             .field(
                 "on_outcome",
@@ -164,6 +169,8 @@ pub fn destination_settings(destination: &Destination) -> Result<DestinationSett
 
 struct Queued {
     export: Export,
+    /// Submission number.
+    number: u64,
     submitted: Instant,
     _permit: OwnedSemaphorePermit,
 }
@@ -199,6 +206,9 @@ struct Shared {
     intake: Arc<Semaphore>,
     /// The exports waiting for, or holding, their order keys.
     order: Mutex<OrderTable<Ordered>>,
+    /// With `track_unfinished`: every export submitted and not ended, by submission number.
+    unfinished: Mutex<std::collections::BTreeMap<u64, Export>>,
+    submitted: std::sync::atomic::AtomicU64,
     pending: watch::Sender<u64>,
     options: EgressOptions,
     closed: AtomicBool,
@@ -264,6 +274,8 @@ impl Egress {
                 unstored: Mutex::new(Vec::new()),
                 intake: Arc::new(Semaphore::new(capacity)),
                 order: Mutex::new(OrderTable::default()),
+                unfinished: Mutex::default(),
+                submitted: Default::default(),
                 pending,
                 options,
                 closed: AtomicBool::new(false),
@@ -376,8 +388,13 @@ impl Egress {
         self.shared.pending.send_modify(|n| *n += 1);
         let destination = export.destination.clone();
         let keys = order_keys(&export);
+        let number = self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+        if self.shared.options.track_unfinished {
+            lock(&self.shared.unfinished).insert(number, export.clone());
+        }
         let queued = Queued {
             export,
+            number,
             submitted: Instant::now(),
             _permit: permit,
         };
@@ -428,7 +445,19 @@ impl Egress {
         self.shared
             .pending
             .send_modify(|p| *p = p.saturating_sub(n));
+        if self.shared.options.track_unfinished {
+            let mut unfinished = lock(&self.shared.unfinished);
+            for q in &withdrawn {
+                unfinished.remove(&q.number);
+            }
+        }
         withdrawn.into_iter().map(|q| q.export).collect()
+    }
+
+    /// The exports submitted and not yet ended (queued or in delivery), in submission order.
+    /// Empty unless [`EgressOptions::track_unfinished`] is on.
+    pub fn unfinished(&self) -> Vec<Export> {
+        lock(&self.shared.unfinished).values().cloned().collect()
     }
 
     /// Counters and latency, in total and per destination.
@@ -505,6 +534,7 @@ fn run_ordered(
 async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
     let Queued {
         export,
+        number,
         submitted,
         _permit,
     } = queued;
@@ -534,6 +564,9 @@ async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
     lock(&rt.counters.latency).saturating_record(micros.max(1));
     if let Some(callback) = &shared.options.on_outcome {
         callback(&export, outcome);
+    }
+    if shared.options.track_unfinished {
+        lock(&shared.unfinished).remove(&number);
     }
     rt.counters.pending.fetch_sub(1, Ordering::Relaxed);
     drop(_permit);

@@ -32,6 +32,15 @@ enum Msg {
     Key(String),
     /// Writes and syncs what is queued, then answers.
     Flush(Sender<()>),
+    /// Keeps only the keys of exports at or after a log position, and the listed ones.
+    Compact(u64, HashSet<String>),
+}
+
+/// The log position of the event an export's key derives from (`{hash}-{seq:x}`, the position
+/// in the high bits of `seq`), if the key has that form.
+pub fn key_position(key: &str) -> Option<u64> {
+    let seq = key.rsplit_once('-')?.1;
+    u64::from_str_radix(seq, 16).ok().map(|s| s >> 24)
 }
 
 /// Reads the keys recorded so far and opens the log for appending.
@@ -71,7 +80,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(AckLog, HashSet<String>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("acks".into())
-        .spawn(move || writer(file, &path, rx))
+        .spawn(move || writer(file, path, rx))
         .context("starting the acknowledgement writer")?;
     Ok((AckLog { tx }, done))
 }
@@ -80,6 +89,12 @@ impl AckLog {
     /// Records that the export with `key` finished.
     pub fn record(&self, key: &str) {
         let _ = self.tx.send(Msg::Key(key.to_owned()));
+    }
+
+    /// After a snapshot at `position`: forgets the keys of exports made before it, except
+    /// `keep` (its outbox). Rewrites the file (temporary file, `fsync`, rename).
+    pub fn compact(&self, position: u64, keep: HashSet<String>) {
+        let _ = self.tx.send(Msg::Compact(position, keep));
     }
 
     /// Waits until every key recorded so far is durable.
@@ -91,9 +106,11 @@ impl AckLog {
     }
 }
 
-fn writer(mut file: File, path: &Path, rx: Receiver<Msg>) {
+fn writer(mut file: File, path: std::path::PathBuf, rx: Receiver<Msg>) {
+    let path = path.as_path();
     let mut buffer = Vec::new();
     let mut waiting: Vec<Sender<()>> = Vec::new();
+    let mut compaction = None;
     loop {
         let first = match rx.recv_timeout(FLUSH_EVERY) {
             Ok(msg) => Some(msg),
@@ -107,6 +124,7 @@ fn writer(mut file: File, path: &Path, rx: Receiver<Msg>) {
                     buffer.push(b'\n');
                 }
                 Msg::Flush(tx) => waiting.push(tx),
+                Msg::Compact(position, keep) => compaction = Some((position, keep)),
             }
         }
         if !buffer.is_empty() {
@@ -120,10 +138,42 @@ fn writer(mut file: File, path: &Path, rx: Receiver<Msg>) {
             }
             buffer.clear();
         }
+        if let Some((position, keep)) = compaction.take() {
+            match compact(path, position, &keep) {
+                Ok(f) => file = f,
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not compact"),
+            }
+        }
         for tx in waiting.drain(..) {
             let _ = tx.send(());
         }
     }
+}
+
+/// Rewrites the file without the keys that can no longer come up; returns it opened for
+/// appending.
+fn compact(path: &Path, position: u64, keep: &HashSet<String>) -> std::io::Result<File> {
+    let text = std::fs::read(path)?;
+    let tmp = path.with_extension("log.tmp");
+    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    for line in text.split(|b| *b == b'\n') {
+        let Ok(key) = std::str::from_utf8(line) else {
+            continue;
+        };
+        if !key.is_empty()
+            && (keep.contains(key) || key_position(key).is_none_or(|p| p >= position))
+        {
+            out.write_all(line)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    OpenOptions::new().append(true).open(path)
 }
 
 #[cfg(test)]
@@ -153,5 +203,25 @@ mod tests {
         }
         let (_, done) = open(dir.path()).expect("reopen");
         assert!(done.contains("k4") && !done.contains("k3-torn"), "{done:?}");
+    }
+
+    #[test]
+    fn compaction_keeps_later_keys_and_the_outbox() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = |position: u64| format!("00ff-{:x}", position << 24);
+        {
+            let (log, _) = open(dir.path()).expect("open");
+            for p in [1, 5, 9] {
+                log.record(&key(p));
+            }
+            log.flush();
+            log.compact(6, HashSet::from([key(1)]));
+            log.flush();
+            log.record(&key(12));
+            log.flush();
+        }
+        let (_, done) = open(dir.path()).expect("reopen");
+        assert_eq!(done, HashSet::from([key(1), key(9), key(12)]));
+        assert_eq!(key_position(&key(9)), Some(9));
     }
 }

@@ -80,6 +80,23 @@ impl Control {
         self.layout.plan(&self.config, 0, None)
     }
 
+    /// The parts a snapshot keeps: the configuration as JSON text (its own format, secrets and
+    /// all) and the layout.
+    pub fn parts(&self) -> (String, &Layout) {
+        (
+            serde_json::to_string(&self.config).unwrap_or_default(),
+            &self.layout,
+        )
+    }
+
+    /// Rebuilds the state from [`Self::parts`].
+    pub fn from_parts(config: &str, layout: Layout) -> Result<Control, serde_json::Error> {
+        Ok(Control {
+            config: serde_json::from_str(config)?,
+            layout,
+        })
+    }
+
     /// Destination ids by index.
     pub fn destination_ids(&self) -> Vec<String> {
         self.layout.destination_ids().to_vec()
@@ -317,6 +334,24 @@ mod tests {
                 .backfill
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn the_parts_round_trip_with_secrets() {
+        let mut c = base();
+        let d = put(
+            ObjectKind::Destination,
+            "d",
+            r#"{"name":"d","endpoint":"http://127.0.0.1:9/x","audiences":[{"id":"a"}],
+                "auth":{"type":"bearer","token":"lit3ral"},"attributes":["x.y"]}"#,
+        );
+        c.apply(&d, 5_000_000, 3).expect("valid");
+        let (config, layout) = c.parts();
+        let mut back = Control::from_parts(&config, layout.clone()).expect("parses");
+        assert_eq!(back.config(), c.config());
+        let plan = back.plan().expect("plan");
+        assert_eq!(plan.destinations[0].mappings[0].audience, 0);
+        assert_eq!(plan.mapped_paths, vec!["x.y"]);
     }
 
     #[test]

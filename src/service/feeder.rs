@@ -17,14 +17,17 @@
 //! so exports of earlier epochs still go out under the settings they were made with, and a
 //! backfill finds its destination ready.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use streamdest_operators::input::Epoch;
-use streamdest_operators::plan::Plan;
+use streamdest_operators::input::{
+    Epoch, EpochInput, FragKey, Fragment, FragmentWrite, IdKey, Mark, UploadWrite,
+};
+use streamdest_operators::plan::{AudienceIdx, Plan};
 
 use crate::config::{Destination, ObjectKind};
 use crate::egress::{Egress, Export};
@@ -32,19 +35,25 @@ use crate::events::{EpochBuilder, Update, parse_line};
 use crate::pipeline::{ExportStream, Pipeline};
 use crate::storage::wal::Wal;
 
+use super::acks::AckLog;
 use super::control::{Control, ControlChange};
 use super::record::{Body, Entry, control_seq, event_seq};
 use super::sequencer::Sequencer;
+use super::snapshot::{self, Inputs, OutboxEntry, Snapshot};
 
 /// An epoch is closed once it has been open this long.
 pub const EPOCH_TIME: Duration = Duration::from_millis(5);
 
-/// What the hand-off must do to the egress before an epoch's exports.
-#[derive(Debug)]
+/// What the hand-off must do before an epoch's exports.
+#[derive(Debug, Default)]
 pub struct EgressChange {
     /// Destination ids by index, from this epoch on.
     pub ids: Vec<String>,
-    pub action: Option<DestinationAction>,
+    pub actions: Vec<DestinationAction>,
+    /// Exports to send first (a restart's outbox).
+    pub outbox: Vec<Export>,
+    /// This is a snapshot epoch: write the snapshot with these inputs.
+    pub snapshot: Option<Box<Inputs>>,
 }
 
 #[derive(Debug)]
@@ -67,6 +76,36 @@ pub struct FeedStats {
     pub skipped: AtomicU64,
 }
 
+/// Where the feeder starts: from the beginning of the log, or from a snapshot.
+#[derive(Default)]
+pub struct Start {
+    pub control: Control,
+    /// The first log position to read.
+    pub position: u64,
+    /// The last log epoch in the snapshot, if any.
+    pub last_log_epoch: Option<u64>,
+    pub fragments: HashMap<FragKey, Arc<Fragment>>,
+    pub uploads: HashSet<(AudienceIdx, IdKey)>,
+}
+
+/// When to take a snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotPolicy {
+    /// After this many log records since the last one.
+    pub records: u64,
+    /// Or after the log grew by this many bytes.
+    pub bytes: u64,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy {
+            records: 20_000,
+            bytes: 256 << 20,
+        }
+    }
+}
+
 /// The feeder's state.
 pub struct Feeder {
     pub wal: Arc<Wal>,
@@ -75,6 +114,41 @@ pub struct Feeder {
     pub pending: Pending,
     pub stats: Arc<FeedStats>,
     pub stop: Arc<AtomicBool>,
+    pub start: Start,
+    pub snapshots: SnapshotPolicy,
+}
+
+/// The inputs as they stand, for snapshots.
+struct State {
+    fragments: HashMap<FragKey, Arc<Fragment>>,
+    uploads: HashSet<(AudienceIdx, IdKey)>,
+    last_log_epoch: Option<u64>,
+    /// Position and log size at the last snapshot.
+    snapshot_at: (u64, u64),
+}
+
+impl State {
+    fn absorb(&mut self, inputs: &[EpochInput]) {
+        for input in inputs {
+            for (key, write) in &input.fragments {
+                match &write.value {
+                    Some(f) => {
+                        self.fragments.insert(*key, f.clone());
+                    }
+                    None => {
+                        self.fragments.remove(key);
+                    }
+                }
+            }
+            for (key, write) in &input.uploads {
+                if write.member {
+                    self.uploads.insert(*key);
+                } else {
+                    self.uploads.remove(key);
+                }
+            }
+        }
+    }
 }
 
 struct Open {
@@ -87,10 +161,17 @@ struct Open {
 impl Feeder {
     /// Runs until `stop` is set or the pipeline stops.
     pub fn run(mut self) -> anyhow::Result<()> {
-        let mut control = Control::default();
+        let start = std::mem::take(&mut self.start);
+        let mut control = start.control;
         let mut plan: Arc<Plan> = Arc::new(control.plan()?);
         let mut builder = EpochBuilder::new(self.pipeline.peers());
-        let mut position = self.wal.first_position();
+        let mut position = start.position.max(self.wal.first_position());
+        let mut state = State {
+            fragments: start.fragments,
+            uploads: start.uploads,
+            last_log_epoch: start.last_log_epoch,
+            snapshot_at: (position, self.wal.disk_bytes()),
+        };
         let mut open: Option<Open> = None;
         while !self.stop.load(Ordering::Acquire) {
             let durable = self.wal.next_position();
@@ -100,9 +181,11 @@ impl Feeder {
                     let (at, bytes) = record?;
                     let entry = Entry::decode(at, &bytes)?;
                     if open.as_ref().is_some_and(|o| o.epoch != entry.epoch) {
-                        self.flush(&mut builder)?;
+                        self.flush(&mut builder, &mut state)?;
                         open = None;
+                        self.maybe_snapshot(&control, &mut state, at)?;
                     }
+                    state.last_log_epoch = Some(entry.epoch);
                     match entry.body {
                         Body::Events(events) => {
                             open.get_or_insert_with(|| Open {
@@ -118,6 +201,9 @@ impl Feeder {
                     }
                     position = at + 1;
                     self.stats.position.store(position, Ordering::Relaxed);
+                    if open.is_none() {
+                        self.maybe_snapshot(&control, &mut state, position)?;
+                    }
                     if self.stop.load(Ordering::Acquire) {
                         return Ok(());
                     }
@@ -128,8 +214,9 @@ impl Feeder {
                     o.close_at = self.sequencer.close(o.epoch);
                 }
                 if o.close_at.is_some_and(|end| position >= end) {
-                    self.flush(&mut builder)?;
+                    self.flush(&mut builder, &mut state)?;
                     open = None;
+                    self.maybe_snapshot(&control, &mut state, position)?;
                 }
             }
             let wait = match &open {
@@ -142,6 +229,46 @@ impl Feeder {
                 std::thread::park_timeout(wait);
             }
         }
+        Ok(())
+    }
+
+    /// Takes a snapshot at `position` (an epoch boundary: every record before it is in the
+    /// dataflow) when the policy says it is time.
+    fn maybe_snapshot(
+        &mut self,
+        control: &Control,
+        state: &mut State,
+        position: u64,
+    ) -> anyhow::Result<()> {
+        let (at, bytes) = state.snapshot_at;
+        let due = position.saturating_sub(at) >= self.snapshots.records
+            || self.wal.disk_bytes().saturating_sub(bytes) >= self.snapshots.bytes;
+        if !due {
+            return Ok(());
+        }
+        let (config, layout) = control.parts();
+        let inputs = Inputs {
+            position,
+            next_log_epoch: state.last_log_epoch.map_or(0, |e| e + 1),
+            config,
+            layout: layout.clone(),
+            fragments: state.fragments.values().cloned().collect(),
+            uploads: state.uploads.iter().copied().collect(),
+        };
+        let epoch = self.pipeline.next_epoch();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                epoch,
+                EgressChange {
+                    ids: control.destination_ids(),
+                    snapshot: Some(Box::new(inputs)),
+                    ..Default::default()
+                },
+            );
+        self.pipeline.push_snapshot()?;
+        state.snapshot_at = (position, self.wal.disk_bytes());
         Ok(())
     }
 
@@ -170,9 +297,11 @@ impl Feeder {
             .fetch_add(events.len() as u64, Ordering::Relaxed);
     }
 
-    fn flush(&mut self, builder: &mut EpochBuilder) -> anyhow::Result<()> {
+    fn flush(&mut self, builder: &mut EpochBuilder, state: &mut State) -> anyhow::Result<()> {
         if builder.events() > 0 {
-            self.pipeline.push(builder.finish())?;
+            let inputs = builder.finish();
+            state.absorb(&inputs);
+            self.pipeline.push(inputs)?;
             self.stats.epochs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -194,7 +323,7 @@ impl Feeder {
                 return Ok(Arc::new(control.plan()?));
             }
         };
-        let action = match change {
+        let actions = match change {
             ControlChange::Put {
                 kind: ObjectKind::Destination,
                 id,
@@ -202,12 +331,14 @@ impl Feeder {
             } => control
                 .config()
                 .destination(id)
-                .map(|d| DestinationAction::Upsert(Box::new(d.clone()))),
+                .map(|d| DestinationAction::Upsert(Box::new(d.clone())))
+                .into_iter()
+                .collect(),
             ControlChange::Delete {
                 kind: ObjectKind::Destination,
                 id,
-            } => Some(DestinationAction::Remove(id.clone())),
-            _ => None,
+            } => vec![DestinationAction::Remove(id.clone())],
+            _ => Vec::new(),
         };
         let epoch = self.pipeline.next_epoch();
         self.pending
@@ -217,7 +348,8 @@ impl Feeder {
                 epoch,
                 EgressChange {
                     ids: control.destination_ids(),
-                    action,
+                    actions,
+                    ..Default::default()
                 },
             );
         self.pipeline.push_control(applied.plan.clone())?;
@@ -227,76 +359,180 @@ impl Feeder {
 }
 
 /// The hand-off: every completed epoch's exports to the egress, in epoch order, except the
-/// ones finished before a restart.
-pub fn hand_off(
-    mut stream: ExportStream,
-    egress: Egress,
-    pending: Pending,
-    mut done: HashSet<String>,
-    exported: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
-    let mut ids: Vec<String> = Vec::new();
-    while let Some((epoch, exports)) = stream.next_epoch() {
-        let change = pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&epoch);
-        if let Some(change) = change {
-            ids = change.ids;
-            match change.action {
-                Some(DestinationAction::Upsert(d)) => {
-                    if let Err(e) = egress.upsert_destination(&d) {
-                        tracing::error!(destination = %d.id, error = %e, "destination not usable");
+/// ones finished before a restart; and the snapshots, written when their epoch comes.
+pub struct HandOff {
+    pub stream: ExportStream,
+    pub egress: Egress,
+    pub pending: Pending,
+    pub done: HashSet<String>,
+    pub exported: Arc<AtomicU64>,
+    pub wal: Arc<Wal>,
+    pub acks: AckLog,
+    pub data_dir: PathBuf,
+}
+
+impl HandOff {
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let mut ids: Vec<String> = Vec::new();
+        while let Some((epoch, exports)) = self.stream.next_epoch() {
+            let change = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&epoch);
+            if let Some(change) = change {
+                ids = change.ids;
+                for action in change.actions {
+                    self.act(action);
+                }
+                for export in change.outbox {
+                    if !self.submit(export) {
+                        return Ok(());
                     }
                 }
-                Some(DestinationAction::Remove(id)) => {
-                    egress.remove_destination(&id);
-                }
-                None => {}
-            }
-        }
-        for e in exports {
-            if !done.is_empty() && done.remove(&e.idempotency_key) {
-                continue;
-            }
-            let Some(destination) = ids.get(e.destination as usize).cloned() else {
-                continue;
-            };
-            let key = e.idempotency_key;
-            let export = Export {
-                destination,
-                profile: e.profile,
-                order_keys: e.order_keys,
-                epoch,
-                idempotency_key: key.clone(),
-                payload: bytes::Bytes::from(e.payload),
-            };
-            exported.fetch_add(1, Ordering::Relaxed);
-            match egress.submit_blocking(export) {
-                Ok(()) => {}
-                Err(crate::egress::EgressError::Closed) => return Ok(()),
-                Err(e) => {
-                    // The destination could not be set up (logged above): it is not sent now,
-                    // and not recorded either, so it goes out after a restart that fixes it.
-                    tracing::warn!(error = %e, key, "export not handed to the egress");
+                if let Some(inputs) = change.snapshot {
+                    let records = self.stream.snapshot(epoch)?;
+                    self.write_snapshot(*inputs, records);
                 }
             }
+            for e in exports {
+                let Some(destination) = ids.get(e.destination as usize).cloned() else {
+                    continue;
+                };
+                let export = Export {
+                    destination,
+                    profile: e.profile,
+                    order_keys: e.order_keys,
+                    epoch,
+                    idempotency_key: e.idempotency_key,
+                    payload: bytes::Bytes::from(e.payload),
+                };
+                if !self.submit(export) {
+                    return Ok(());
+                }
+            }
+            self.stream.ack(epoch);
         }
-        stream.ack(epoch);
+        Ok(())
     }
-    Ok(())
+
+    fn act(&self, action: DestinationAction) {
+        match action {
+            DestinationAction::Upsert(d) => {
+                if let Err(e) = self.egress.upsert_destination(&d) {
+                    tracing::error!(destination = %d.id, error = %e, "destination not usable");
+                }
+            }
+            DestinationAction::Remove(id) => {
+                self.egress.remove_destination(&id);
+            }
+        }
+    }
+
+    /// Submits one export unless it ended before a restart; `false` once the egress closed.
+    fn submit(&mut self, export: Export) -> bool {
+        if !self.done.is_empty() && self.done.remove(&export.idempotency_key) {
+            return true;
+        }
+        let key = export.idempotency_key.clone();
+        self.exported.fetch_add(1, Ordering::Relaxed);
+        match self.egress.submit_blocking(export) {
+            Ok(()) => true,
+            Err(crate::egress::EgressError::Closed) => false,
+            Err(e) => {
+                // The destination could not be set up (logged when it was changed): not sent
+                // now, and not recorded either, so it goes out after a restart that fixes it.
+                tracing::warn!(error = %e, key, "export not handed to the egress");
+                true
+            }
+        }
+    }
+
+    /// Completes a snapshot with the records and the outbox, and writes it on its own thread;
+    /// once it is durable, the log behind it and the acknowledgements it makes moot go.
+    fn write_snapshot(&self, inputs: Inputs, records: Vec<streamdest_operators::history::Seed>) {
+        let outbox: Vec<OutboxEntry> = self
+            .egress
+            .unfinished()
+            .iter()
+            .map(OutboxEntry::from)
+            .collect();
+        let data_dir = self.data_dir.clone();
+        let wal = self.wal.clone();
+        let acks = self.acks.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let position = inputs.position;
+                let keep: HashSet<String> =
+                    outbox.iter().map(|e| e.idempotency_key.clone()).collect();
+                let (profiles, entries) = (records.len(), outbox.len());
+                let snapshot = Snapshot {
+                    inputs,
+                    records,
+                    outbox,
+                };
+                match snapshot::write(&data_dir, &snapshot) {
+                    Ok(bytes) => {
+                        drop(snapshot);
+                        let first = wal.truncate_before(position);
+                        acks.compact(position, keep);
+                        tracing::info!(
+                            position,
+                            profiles,
+                            outbox = entries,
+                            bytes,
+                            seconds = started.elapsed().as_secs_f64(),
+                            log_starts_at = ?first.ok(),
+                            "snapshot written"
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "snapshot not written; the log is kept"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "snapshot not written; the log is kept");
+        }
+    }
 }
 
 /// Starts the hand-off thread.
 pub fn spawn_hand_off(
-    stream: ExportStream,
-    egress: Egress,
-    pending: Pending,
-    done: HashSet<String>,
-    exported: Arc<AtomicU64>,
+    hand_off: HandOff,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new()
         .name("hand-off".into())
-        .spawn(move || hand_off(stream, egress, pending, done, exported))
+        .spawn(move || hand_off.run())
         .context("starting the hand-off thread")
+}
+
+/// A restart's first two epochs from a snapshot: the records (epoch 0), then the inputs with
+/// marks that name no path (epoch 1), so that no profile is exported for being loaded.
+/// Takes the records out of `snapshot`.
+pub fn load_epochs(peers: usize, snapshot: &mut Snapshot) -> (Vec<EpochInput>, Vec<EpochInput>) {
+    let peers = peers.max(1);
+    let mut seeds: Vec<EpochInput> = (0..peers).map(|_| EpochInput::default()).collect();
+    seeds[0].seeds = std::mem::take(&mut snapshot.records);
+    let mut load: Vec<EpochInput> = (0..peers).map(|_| EpochInput::default()).collect();
+    for f in &snapshot.inputs.fragments {
+        let key = f.key();
+        load[(key % peers as u64) as usize].fragments.push((
+            key,
+            FragmentWrite {
+                value: Some(f.clone()),
+                mark: Mark::new(f.ts, f.seq, Vec::new()),
+            },
+        ));
+    }
+    for &(audience, identity) in &snapshot.inputs.uploads {
+        load[(identity % peers as u64) as usize].uploads.push((
+            (audience, identity),
+            UploadWrite {
+                member: true,
+                mark: Mark::new(0, 0, Vec::new()),
+            },
+        ));
+    }
+    (seeds, load)
 }

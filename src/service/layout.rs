@@ -23,7 +23,7 @@ use crate::config::Config;
 #[error("more than 65,535 {0} have been created in this data directory")]
 pub struct LayoutFull(&'static str);
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     policies: Vec<(String, Stitching)>,
     audiences: Vec<(String, PolicyIdx)>,

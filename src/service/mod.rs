@@ -20,8 +20,9 @@
 //! dead-lettered) are skipped, the others are sent. The configuration file's objects are then
 //! applied as if PUT, where they differ from what the log built.
 //!
-//! Restart time and disk use grow with the log: compacted snapshots that bound them by the
-//! state held are not built yet (see the README).
+//! Restart time and disk use are bounded by the state, not the history: every so many log
+//! records the service writes a [`snapshot`] (inputs, records, outbox) and deletes the log
+//! behind it; a restart loads the snapshot and replays only the log after it.
 //!
 //! # Shutdown
 //!
@@ -36,6 +37,7 @@ pub mod feeder;
 pub mod layout;
 pub mod record;
 pub mod sequencer;
+pub mod snapshot;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 
 use crate::api::{ApiOptions, ApiToken};
 use crate::config::{Config, ObjectKind};
@@ -67,6 +69,10 @@ pub struct RunOptions {
     pub api_token: Option<String>,
     pub max_body: u64,
     pub max_wal_bytes: Option<u64>,
+    /// A snapshot every this many log records (or 256 MiB of log).
+    pub snapshot_records: u64,
+    /// The log's segment size (default 64 MiB).
+    pub segment_bytes: Option<u64>,
 }
 
 /// Runs the service until a signal; `Ok` after a clean shutdown.
@@ -76,13 +82,45 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
 
-    let (wal, recovery) = Wal::open(options.data_dir.join("wal"), WalOptions::default())?;
+    let mut wal_options = WalOptions::default();
+    if let Some(bytes) = options.segment_bytes {
+        wal_options.segment_bytes = bytes;
+    }
+    let (wal, recovery) = Wal::open(options.data_dir.join("wal"), wal_options)?;
     if let Some(torn) = &recovery.torn_tail {
         tracing::warn!(segment = %torn.segment.display(), offset = torn.offset, bytes = torn.bytes, "cut an incomplete last write of the log");
     }
     let wal = Arc::new(wal);
     let started = Instant::now();
-    let recovered = sequencer::recover(&wal)?;
+    let mut snapshot = snapshot::read(&options.data_dir)?;
+    let mut start = feeder::Start::default();
+    if let Some(s) = &snapshot {
+        let layout = s.inputs.layout.clone();
+        start.control = Control::from_parts(&s.inputs.config, layout)
+            .context("the snapshot's configuration")?;
+        start.position = s.inputs.position;
+        start.last_log_epoch = s.inputs.next_log_epoch.checked_sub(1);
+        start.fragments = s
+            .inputs
+            .fragments
+            .iter()
+            .map(|f| (f.key(), f.clone()))
+            .collect();
+        start.uploads = s.inputs.uploads.iter().copied().collect();
+        if wal.first_position() > start.position {
+            bail!(
+                "the log starts at position {} but the snapshot ends at {}: records are missing",
+                wal.first_position(),
+                start.position
+            );
+        }
+    }
+    let recovered = sequencer::recover(
+        &wal,
+        start.position,
+        start.control.clone(),
+        start.last_log_epoch.map_or(0, |e| e + 1),
+    )?;
     let sequencer = Arc::new(Sequencer::new(
         wal.clone(),
         recovered,
@@ -113,14 +151,16 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             Some(store),
             EgressOptions {
                 on_outcome: Some(on_outcome),
+                track_unfinished: true,
                 ..Default::default()
             },
         )?
     };
 
-    // The dataflow starts on the empty plan; the log's control changes build the rest.
-    let first_plan = Arc::new(Control::default().plan()?);
-    let (pipeline, stream) = Pipeline::start(
+    // The dataflow starts on the snapshot's plan (or the empty one); the log's control
+    // changes build the rest.
+    let first_plan = Arc::new(start.control.clone().plan()?);
+    let (mut pipeline, stream) = Pipeline::start(
         first_plan,
         PipelineConfig {
             workers: options.workers,
@@ -128,8 +168,44 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         },
     )?;
     let pending = feeder::Pending::default();
+    if let Some(s) = snapshot.as_mut() {
+        // Epoch 0: the destinations and the outbox; the records. Epoch 1: the inputs.
+        let actions = start
+            .control
+            .config()
+            .destinations
+            .iter()
+            .map(|d| feeder::DestinationAction::Upsert(Box::new(d.clone())))
+            .collect();
+        let outbox = std::mem::take(&mut s.outbox)
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            0,
+            feeder::EgressChange {
+                ids: start.control.destination_ids(),
+                actions,
+                outbox,
+                snapshot: None,
+            },
+        );
+        let (seeds, load) = feeder::load_epochs(pipeline.peers(), s);
+        pipeline.push(seeds)?;
+        pipeline.push(load)?;
+    }
+    drop(snapshot);
     let exported = Arc::new(AtomicU64::new(0));
-    let hand_off = feeder::spawn_hand_off(stream, egress.clone(), pending.clone(), done, exported)?;
+    let hand_off = feeder::spawn_hand_off(feeder::HandOff {
+        stream,
+        egress: egress.clone(),
+        pending: pending.clone(),
+        done,
+        exported,
+        wal: wal.clone(),
+        acks: ack_log.clone(),
+        data_dir: options.data_dir.clone(),
+    })?;
     let feed_stats = Arc::new(feeder::FeedStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feeder::Feeder {
@@ -139,6 +215,11 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         pending,
         stats: feed_stats.clone(),
         stop: stop.clone(),
+        start,
+        snapshots: feeder::SnapshotPolicy {
+            records: options.snapshot_records.max(1),
+            ..Default::default()
+        },
     };
     let feeder_thread = std::thread::Builder::new()
         .name("feeder".into())

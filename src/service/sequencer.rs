@@ -88,11 +88,15 @@ fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// Reads the whole log: the accepted configuration and the next epoch.
-pub fn recover(wal: &Wal) -> anyhow::Result<Recovered> {
-    let mut control = Control::default();
-    let mut epoch = 0;
-    for record in wal.read_from(wal.first_position())? {
+/// Reads the log from `from` (the position a snapshot ends at, or the start), on top of
+/// `control` and `epoch` (the snapshot's): the accepted configuration and the next epoch.
+pub fn recover(
+    wal: &Wal,
+    from: u64,
+    mut control: Control,
+    mut epoch: u64,
+) -> anyhow::Result<Recovered> {
+    for record in wal.read_from(from.max(wal.first_position()))? {
         let (position, bytes) = record?;
         let entry = Entry::decode(position, &bytes)?;
         epoch = entry.epoch + 1;

@@ -17,6 +17,10 @@
 //! once every worker's `route` has, so it has every predecessor of its profiles; it writes the
 //! new records. Each profile is evaluated once per epoch in which it was touched.
 //!
+//! Snapshots: at a snapshot epoch `decide` hands out every record it holds (a second output),
+//! and after a restart the records come back as *seeds*, inserted before the snapshot's
+//! inputs are loaded, so the profiles keep their history (statuses and times).
+//!
 //! At a control epoch (the plan changed; no event belongs to it) `decide` gives every profile
 //! it evaluates the change's mark — its statuses then carry the change's time — and, when
 //! the change maps audiences anew, exports every profile realized in one of them to the
@@ -34,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Concat;
+use timely::dataflow::operators::core::Map;
 use timely::dataflow::operators::generic::Operator;
 use timely::scheduling::Activator;
 
@@ -58,9 +64,14 @@ struct Shared {
     route: Option<Activator>,
 }
 
+/// A profile's record from a snapshot, for the profiles of one stitching.
+pub type Seed = (Stitching, ProfileKey, Record);
+
 /// What `route` hands `decide` about a profile.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Pass {
+    /// A record from a snapshot.
+    Seed(Record),
     /// The profile exists after the epoch: its view (`None`: unchanged), whether it continues
     /// itself (it existed before), and its marks.
     Live {
@@ -105,16 +116,41 @@ impl Touch {
     }
 }
 
-/// History and decision for the profiles of stitching `kind`.
+/// What `decide` hands out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Decided {
+    Candidate(Candidate),
+    /// A record, at a snapshot epoch.
+    Record(ProfileKey, Record),
+}
+
+/// History and decision for the profiles of stitching `kind`: the export candidates, and at
+/// each snapshot epoch every record.
 pub fn history<'s>(
     plans: Plans,
     kind: Stitching,
     to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
-) -> Stream<'s, Epoch, Vec<Candidate>> {
+    seeds: Stream<'s, Epoch, Vec<Seed>>,
+) -> (
+    crate::dataflow::Candidates<'s>,
+    crate::dataflow::Records<'s>,
+) {
     let shared = Rc::new(RefCell::new(Shared::default()));
     let scope = to_profiles.scope();
     let passes = route(plans.clone(), kind, to_profiles, shared.clone(), scope);
-    decide(plans, kind, passes, shared)
+    let seeds = seeds.flat_map(move |(k, profile, record): Seed| {
+        (k == kind).then_some((profile, Pass::Seed(record)))
+    });
+    let decided = decide(plans, kind, passes.concat(seeds), shared);
+    let candidates = decided.clone().flat_map(|d| match d {
+        Decided::Candidate(c) => Some(c),
+        Decided::Record(..) => None,
+    });
+    let records = decided.flat_map(move |d| match d {
+        Decided::Record(profile, record) => Some((kind, profile, record)),
+        Decided::Candidate(_) => None,
+    });
+    (candidates, records)
 }
 
 fn route<'s>(
@@ -220,8 +256,8 @@ fn decide<'s>(
     kind: Stitching,
     passes: Stream<'s, Epoch, Vec<(ProfileKey, Pass)>>,
     shared: Rc<RefCell<Shared>>,
-) -> Stream<'s, Epoch, Vec<Candidate>> {
-    passes.unary_frontier::<CapacityContainerBuilder<Vec<Candidate>>, _, _, _>(
+) -> Stream<'s, Epoch, Vec<Decided>> {
+    passes.unary_frontier::<CapacityContainerBuilder<Vec<Decided>>, _, _, _>(
         Exchange::new(|(profile, _): &(ProfileKey, Pass)| *profile),
         "Decide",
         move |initial, _info| {
@@ -263,7 +299,16 @@ fn decide<'s>(
                         let records = &shared.records;
                         backfill(&plan, kind, change, records, &emitted, &mut candidates);
                     }
-                    output.session(&cap).give_iterator(candidates.into_iter());
+                    let mut session = output.session(&cap);
+                    session.give_iterator(candidates.into_iter().map(Decided::Candidate));
+                    if plans.is_snapshot(epoch) {
+                        session.give_iterator(
+                            shared
+                                .records
+                                .iter()
+                                .map(|(p, r)| Decided::Record(*p, r.clone())),
+                        );
+                    }
                 }
                 gate.release(frontier);
                 let decided = frontier
@@ -364,6 +409,9 @@ fn decide_one(
                 marks.append(&mut theirs);
             }
             Pass::Emit(candidate) => out.push(candidate),
+            Pass::Seed(record) => {
+                records.insert(profile, record);
+            }
         }
     }
     let Some((view, continues_itself)) = live else {
