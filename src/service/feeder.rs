@@ -74,11 +74,16 @@ pub struct FeedStats {
     pub events: AtomicU64,
     /// Events the feeder could not apply (an upload to an audience deleted meanwhile).
     pub skipped: AtomicU64,
+    /// The state is rebuilt: the snapshot and the log as it stood at the start have been
+    /// through the dataflow and their exports handed to the egress.
+    pub ready: AtomicBool,
 }
 
 /// Where the feeder starts: from the beginning of the log, or from a snapshot.
 #[derive(Default)]
 pub struct Start {
+    /// When the process started (restart times count from it).
+    pub began: Option<Instant>,
     pub control: Control,
     /// The first log position to read.
     pub position: u64,
@@ -88,13 +93,14 @@ pub struct Start {
     pub uploads: HashSet<(AudienceIdx, IdKey)>,
 }
 
-/// When to take a snapshot.
+/// When to take a snapshot: once replaying the log since the last one would cost about as
+/// much as loading a snapshot — as many events as the state holds fragments (at least
+/// `events`) — or after `records` log records or `bytes` of log, whichever comes first.
 #[derive(Clone, Copy, Debug)]
 pub struct SnapshotPolicy {
-    /// After this many log records since the last one.
     pub records: u64,
-    /// Or after the log grew by this many bytes.
     pub bytes: u64,
+    pub events: u64,
 }
 
 impl Default for SnapshotPolicy {
@@ -102,6 +108,7 @@ impl Default for SnapshotPolicy {
         SnapshotPolicy {
             records: 20_000,
             bytes: 256 << 20,
+            events: 100_000,
         }
     }
 }
@@ -123,8 +130,8 @@ struct State {
     fragments: HashMap<FragKey, Arc<Fragment>>,
     uploads: HashSet<(AudienceIdx, IdKey)>,
     last_log_epoch: Option<u64>,
-    /// Position and log size at the last snapshot.
-    snapshot_at: (u64, u64),
+    /// Position, log size and events fed at the last snapshot.
+    snapshot_at: (u64, u64, u64),
 }
 
 impl State {
@@ -162,6 +169,7 @@ impl Feeder {
     /// Runs until `stop` is set or the pipeline stops.
     pub fn run(mut self) -> anyhow::Result<()> {
         let start = std::mem::take(&mut self.start);
+        let started = start.began.unwrap_or_else(Instant::now);
         let mut control = start.control;
         let mut plan: Arc<Plan> = Arc::new(control.plan()?);
         let mut builder = EpochBuilder::new(self.pipeline.peers());
@@ -170,10 +178,14 @@ impl Feeder {
             fragments: start.fragments,
             uploads: start.uploads,
             last_log_epoch: start.last_log_epoch,
-            snapshot_at: (position, self.wal.disk_bytes()),
+            snapshot_at: (position, self.wal.disk_bytes(), 0),
         };
         let mut open: Option<Open> = None;
+        let (from, target) = (position, self.wal.next_position());
         while !self.stop.load(Ordering::Acquire) {
+            if !self.stats.ready.load(Ordering::Relaxed) && position >= target && open.is_none() {
+                self.caught_up(started, from, target)?;
+            }
             let durable = self.wal.next_position();
             if position < durable {
                 let reader = self.wal.read_from(position)?;
@@ -232,6 +244,21 @@ impl Feeder {
         Ok(())
     }
 
+    /// The log as it stood at the start has been read: waits until the dataflow and the
+    /// hand-off are through it, and says so.
+    fn caught_up(&mut self, started: Instant, from: u64, target: u64) -> anyhow::Result<()> {
+        self.pipeline.wait_all_acked()?;
+        self.stats.ready.store(true, Ordering::Relaxed);
+        if self.pipeline.next_epoch() > 0 {
+            eprintln!(
+                "streamdest: state rebuilt {:.2}s after the start ({} epochs; log positions {from}..{target})",
+                started.elapsed().as_secs_f64(),
+                self.pipeline.next_epoch(),
+            );
+        }
+        Ok(())
+    }
+
     /// Takes a snapshot at `position` (an epoch boundary: every record before it is in the
     /// dataflow) when the policy says it is time.
     fn maybe_snapshot(
@@ -240,9 +267,12 @@ impl Feeder {
         state: &mut State,
         position: u64,
     ) -> anyhow::Result<()> {
-        let (at, bytes) = state.snapshot_at;
+        let (at, bytes, events) = state.snapshot_at;
+        let fed = self.stats.events.load(Ordering::Relaxed);
+        let replay_cost = fed.saturating_sub(events);
         let due = position.saturating_sub(at) >= self.snapshots.records
-            || self.wal.disk_bytes().saturating_sub(bytes) >= self.snapshots.bytes;
+            || self.wal.disk_bytes().saturating_sub(bytes) >= self.snapshots.bytes
+            || replay_cost >= self.snapshots.events.max(state.fragments.len() as u64);
         if !due {
             return Ok(());
         }
@@ -268,7 +298,7 @@ impl Feeder {
                 },
             );
         self.pipeline.push_snapshot()?;
-        state.snapshot_at = (position, self.wal.disk_bytes());
+        state.snapshot_at = (position, self.wal.disk_bytes(), fed);
         Ok(())
     }
 

@@ -77,6 +77,7 @@ pub struct RunOptions {
 
 /// Runs the service until a signal; `Ok` after a clean shutdown.
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
+    let began = Instant::now();
     let file_config = Config::from_file(&options.config).map_err(|e| anyhow!("{e}"))?;
     file_config.unset_secrets().map_err(|e| anyhow!("{e}"))?;
     std::fs::create_dir_all(&options.data_dir)
@@ -93,7 +94,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let wal = Arc::new(wal);
     let started = Instant::now();
     let mut snapshot = snapshot::read(&options.data_dir)?;
-    let mut start = feeder::Start::default();
+    let mut start = feeder::Start {
+        began: Some(began),
+        ..Default::default()
+    };
     if let Some(s) = &snapshot {
         let layout = s.inputs.layout.clone();
         start.control = Control::from_parts(&s.inputs.config, layout)
