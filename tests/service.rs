@@ -658,7 +658,15 @@ async fn a_restart_resumes_from_a_snapshot_and_its_outbox() {
     // The hung request must not time out (and be dead-lettered) before the kill.
     cfg["destinations"][0]["delivery"]["timeoutMs"] = json!(60_000);
     let cfg = write_config(dir.path(), &cfg);
-    let args = ["--snapshot-every", "3", "--log-segment-bytes", "300"];
+    // Two workers: the records and inputs of a snapshot go back to the workers that own them.
+    let args = [
+        "--snapshot-every",
+        "3",
+        "--log-segment-bytes",
+        "300",
+        "--workers",
+        "2",
+    ];
     let svc = Service::start(&cfg, &data, &args);
     for i in 0..12 {
         assert_eq!(svc.post_events(&[person(&format!("p{i}"), "John")]), 202);
