@@ -527,13 +527,18 @@ impl HandOff {
     }
 }
 
-/// Starts the hand-off thread.
+/// Starts the hand-off thread; `failed` hears of the error it stops with, if any.
 pub fn spawn_hand_off(
     hand_off: HandOff,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    failed: impl FnOnce(&anyhow::Error) + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("hand-off".into())
-        .spawn(move || hand_off.run())
+        .spawn(move || {
+            if let Err(e) = hand_off.run() {
+                failed(&e);
+            }
+        })
         .context("starting the hand-off thread")
 }
 

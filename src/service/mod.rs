@@ -199,17 +199,31 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         pipeline.push(load)?;
     }
     drop(snapshot);
+    // A stage that stops with an error stops the service (exit status 1): what was accepted
+    // is in the log and goes out after the next start.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::watch::channel::<Option<String>>(None);
+    let fatal = Arc::new(fatal_tx);
+    let report = |stage: &'static str| {
+        let fatal = fatal.clone();
+        move |e: &anyhow::Error| {
+            tracing::error!(error = %format!("{e:#}"), "the {stage} stopped");
+            fatal.send_replace(Some(format!("the {stage} stopped: {e:#}")));
+        }
+    };
     let exported = Arc::new(AtomicU64::new(0));
-    let hand_off = feeder::spawn_hand_off(feeder::HandOff {
-        stream,
-        egress: egress.clone(),
-        pending: pending.clone(),
-        done,
-        exported,
-        wal: wal.clone(),
-        acks: ack_log.clone(),
-        data_dir: options.data_dir.clone(),
-    })?;
+    let hand_off = feeder::spawn_hand_off(
+        feeder::HandOff {
+            stream,
+            egress: egress.clone(),
+            pending: pending.clone(),
+            done,
+            exported,
+            wal: wal.clone(),
+            acks: ack_log.clone(),
+            data_dir: options.data_dir.clone(),
+        },
+        report("hand-off"),
+    )?;
     let feed_stats = Arc::new(feeder::FeedStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feeder::Feeder {
@@ -225,14 +239,13 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
+    let feeder_failed = report("feeder");
     let feeder_thread = std::thread::Builder::new()
         .name("feeder".into())
         .spawn(move || {
-            let result = feeder.run();
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "the feeder stopped");
+            if let Err(e) = feeder.run() {
+                feeder_failed(&e);
             }
-            result
         })
         .context("starting the feeder")?;
     sequencer.set_feeder(feeder_thread.thread().clone());
@@ -264,8 +277,12 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         );
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<Instant>();
         let accepting_flag = accepting.clone();
+        let mut failed = fatal_rx.clone();
         let shutdown = async move {
-            let at = signal().await;
+            let at = tokio::select! {
+                at = signal() => at,
+                _ = failed.wait_for(Option::is_some) => Instant::now(),
+            };
             accepting_flag.store(false, Ordering::Release);
             let _ = signalled_tx.send(at);
         };
@@ -298,7 +315,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     drop(hand_off);
-    Ok(())
+    match fatal_rx.borrow_and_update().clone() {
+        Some(reason) => Err(anyhow!("{reason}")),
+        None => Ok(()),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT; returns when it came.
