@@ -126,6 +126,7 @@ fn letter(profile: &str, url: &str) -> NewDeadLetter {
                 timeout_ms: 2000,
                 ..Delivery::default()
             },
+            tls: None,
         },
         profile: profile.into(),
         epoch: 1,

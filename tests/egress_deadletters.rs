@@ -22,6 +22,7 @@ fn letter(profile: &str, url: &str) -> NewDeadLetter {
             headers: vec![("x-team".into(), "growth".into())],
             auth: Auth::None,
             delivery: Delivery::default(),
+            tls: None,
         },
         profile: profile.into(),
         epoch: 1,

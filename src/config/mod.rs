@@ -434,6 +434,9 @@ pub struct Destination {
     pub attributes: Vec<String>,
     #[serde(default)]
     pub delivery: Delivery,
+    /// Extra trusted CAs and a client certificate; none: the system's trust store only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -708,6 +711,183 @@ impl Delivery {
             "retryOn": self.retry_on,
         })
     }
+}
+
+/// A destination's TLS settings (SPEC §2): PEM files, read when the configuration is
+/// validated and again when a connection pool for them is made. Paths are not secrets: they
+/// show in the redacted view. Every field is optional; `clientCertFile` and `clientKeyFile`
+/// go together.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// PEM certificates trusted besides the system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The client certificate (PEM, the leaf first, then any intermediates) for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
+}
+
+/// A client certificate chain and its private key, for mutual TLS.
+pub type ClientIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+impl Tls {
+    /// No field set: the same as no `tls` object.
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
+    }
+
+    /// The same settings with every path made absolute (against the current directory), so
+    /// that a dead letter can be re-driven from anywhere.
+    pub fn absolute(&self) -> Tls {
+        let absolute = |p: &Option<String>| {
+            p.as_ref().map(|p| match std::path::absolute(p) {
+                Ok(abs) => abs.to_string_lossy().into_owned(),
+                Err(_) => p.clone(),
+            })
+        };
+        Tls {
+            ca_file: absolute(&self.ca_file),
+            client_cert_file: absolute(&self.client_cert_file),
+            client_key_file: absolute(&self.client_key_file),
+        }
+    }
+
+    /// Reads and checks every file; paths are relative to the `tls` object. Every problem is
+    /// reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        errors.extend(self.ca_certificates().err());
+        errors.extend(self.client_identity().err());
+        ConfigError::collect(errors)
+    }
+
+    /// The certificates of `caFile` (empty without one), each checked to be usable as a trust
+    /// anchor. Errors at `caFile`.
+    pub fn ca_certificates(
+        &self,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let certs = read_pem_certificates(path).map_err(|m| ConfigError::new("caFile", m))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            roots.add(cert.clone()).map_err(|e| {
+                ConfigError::new(
+                    "caFile",
+                    format!("certificate {} of {path} is not usable as a CA: {e}", i + 1),
+                )
+            })?;
+        }
+        Ok(certs)
+    }
+
+    /// The client certificate chain and key, when both files are set; an error at the missing
+    /// field when only one is, or at the file that cannot be read or does not parse (or at
+    /// `clientKeyFile` when the key is not the certificate's).
+    pub fn client_identity(&self) -> Result<Option<ClientIdentity>, ConfigError> {
+        let (cert_path, key_path) = match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "clientKeyFile",
+                    "missing: clientCertFile is set, and mutual TLS needs both",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "clientCertFile",
+                    "missing: clientKeyFile is set, and mutual TLS needs both",
+                ));
+            }
+            (Some(c), Some(k)) => (c, k),
+        };
+        let certs =
+            read_pem_certificates(cert_path).map_err(|m| ConfigError::new("clientCertFile", m))?;
+        let key = read_pem_key(key_path).map_err(|m| ConfigError::new("clientKeyFile", m))?;
+        let provider = rustls::crypto::ring::default_provider();
+        rustls::sign::CertifiedKey::from_der(certs.clone(), key.clone_key(), &provider).map_err(
+            |e| {
+                ConfigError::new(
+                    "clientKeyFile",
+                    match e {
+                        rustls::Error::InconsistentKeys(_) => {
+                            format!("{key_path} is not the key of the certificate in {cert_path}")
+                        }
+                        other => format!("{key_path}: unusable private key: {other}"),
+                    },
+                )
+            },
+        )?;
+        Ok(Some((certs, key)))
+    }
+
+    /// The object as the API shows it: the paths as given (they are not secrets).
+    pub fn redacted_json(&self) -> Value {
+        let mut out = Map::new();
+        for (name, value) in [
+            ("caFile", &self.ca_file),
+            ("clientCertFile", &self.client_cert_file),
+            ("clientKeyFile", &self.client_key_file),
+        ] {
+            if let Some(v) = value {
+                out.insert(name.into(), json!(v));
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+/// A file's bytes, or `cannot read PATH: REASON` (the OS error without its number).
+fn read_file(path: &str) -> Result<Vec<u8>, String> {
+    if path.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    std::fs::read(path).map_err(|e| {
+        let text = e.to_string();
+        let text = match text.find(" (os error ") {
+            Some(at) => &text[..at],
+            None => &text,
+        };
+        format!("cannot read {path}: {text}")
+    })
+}
+
+/// Every `CERTIFICATE` block of a PEM file (at least one).
+fn read_pem_certificates(
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_file(path)?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path} is not a PEM file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "no certificate in {path} (expected PEM \"BEGIN CERTIFICATE\" blocks)"
+        ));
+    }
+    Ok(certs)
+}
+
+/// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn read_pem_key(path: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::{self, PemObject};
+    let bytes = read_file(path)?;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound => format!(
+            "no private key in {path} (expected a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \
+             \"EC PRIVATE KEY\" block)"
+        ),
+        other => format!("{path} is not a PEM file: {other}"),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1190,6 +1370,9 @@ impl Destination {
         self.parsed_query_parameters()?;
         self.parsed_headers()?;
         self.auth.validate().map_err(|e| e.within("auth"))?;
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(|e| e.within("tls"))?;
+        }
         let mut mapped = HashSet::new();
         for (i, mapping) in self.audiences.iter().enumerate() {
             let at = format!("audiences[{i}].id");
@@ -1224,7 +1407,7 @@ impl Destination {
 
     /// The object as the API shows it: defaults filled in, every secret redacted.
     pub fn redacted_json(&self) -> Value {
-        json!({
+        let mut out = json!({
             "id": self.id,
             "name": self.display_name(),
             "description": self.description,
@@ -1237,7 +1420,11 @@ impl Destination {
             "audiences": self.audiences.iter().map(AudienceMapping::redacted_json).collect::<Vec<_>>(),
             "attributes": self.attributes,
             "delivery": self.delivery.redacted_json(),
-        })
+        });
+        if let (Some(tls), Some(obj)) = (&self.tls, out.as_object_mut()) {
+            obj.insert("tls".into(), tls.redacted_json());
+        }
+        out
     }
 }
 

@@ -19,6 +19,7 @@ pub(super) enum Kind {
     Auth,
     Secret,
     Delivery,
+    Tls,
 }
 
 impl Kind {
@@ -49,6 +50,7 @@ impl Kind {
                 "audiences",
                 "attributes",
                 "delivery",
+                "tls",
             ],
             Kind::Mapping => &["id", "mappingCreatedAt", "mappingUpdatedAt"],
             Kind::Auth => &[
@@ -63,6 +65,7 @@ impl Kind {
             ],
             Kind::Secret => &["env"],
             Kind::Delivery => &["maxRetries", "timeoutMs", "maxInFlight", "retryOn"],
+            Kind::Tls => &["caFile", "clientCertFile", "clientKeyFile"],
         }
     }
 
@@ -76,6 +79,7 @@ impl Kind {
             (Kind::Destination, "audiences") => Kind::Mapping,
             (Kind::Destination, "auth") => Kind::Auth,
             (Kind::Destination, "delivery") => Kind::Delivery,
+            (Kind::Destination, "tls") => Kind::Tls,
             (Kind::Auth, "token" | "clientSecret" | "password") => Kind::Secret,
             _ => return None,
         })

@@ -10,7 +10,9 @@
 //!    (bearer, OAuth2 with a single-flight token cache).
 //! 3. **Service** — [`service::deliver_round`]: attempts, per-attempt timeout,
 //!    `maxInFlight` slots, [`retry::RetryPolicy`] (exponential backoff, full jitter,
-//!    `Retry-After`), over the pooled hyper [`transport::Transport`].
+//!    `Retry-After`), over the pooled hyper [`transport::Transport`]: the system's trust
+//!    store, and one TLS client (and pool) per distinct `tls` settings (extra CAs, a client
+//!    certificate), shared by the destinations that have the same.
 //! 4. **Intake and ordering** — [`Egress`]: a bounded intake (backpressure on
 //!    [`Egress::submit`]), then [`ordering::OrderTable`]: an export starts once every earlier
 //!    export to its destination sharing an identity with it has ended (epoch order across a
@@ -164,6 +166,11 @@ pub fn destination_settings(destination: &Destination) -> Result<DestinationSett
         headers,
         auth: destination.auth.clone(),
         delivery: destination.delivery.clone(),
+        tls: destination
+            .tls
+            .as_ref()
+            .filter(|tls| !tls.is_empty())
+            .map(|tls| tls.absolute()),
     })
 }
 
@@ -244,15 +251,17 @@ impl Egress {
         options: EgressOptions,
     ) -> Result<Egress, EgressError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EgressError::NoRuntime)?;
+        let transport = Transport::new();
         let mut map = HashMap::new();
         for (index, destination) in destinations.iter().enumerate() {
-            let rt = build_runtime(destination, &options.service).map_err(|reason| {
-                EgressError::InvalidDestination {
-                    index,
-                    id: destination.id.clone(),
-                    reason,
-                }
-            })?;
+            let rt =
+                build_runtime(destination, &transport, &options.service).map_err(|reason| {
+                    EgressError::InvalidDestination {
+                        index,
+                        id: destination.id.clone(),
+                        reason,
+                    }
+                })?;
             if map.insert(destination.id.clone(), Arc::new(rt)).is_some() {
                 return Err(EgressError::DuplicateDestination(destination.id.clone()));
             }
@@ -268,7 +277,7 @@ impl Egress {
             shared: Arc::new(Shared {
                 runtime,
                 dead_letter_tx,
-                transport: Transport::new(),
+                transport,
                 destinations: RwLock::new(map),
                 dead_letters,
                 unstored: Mutex::new(Vec::new()),
@@ -297,14 +306,16 @@ impl Egress {
     /// settings they were submitted with; the new one starts with an empty token cache and
     /// keeps the counters.
     pub fn upsert_destination(&self, destination: &Destination) -> Result<(), EgressError> {
-        let mut rt =
-            build_runtime(destination, &self.shared.options.service).map_err(|reason| {
-                EgressError::InvalidDestination {
-                    index: 0,
-                    id: destination.id.clone(),
-                    reason,
-                }
-            })?;
+        let mut rt = build_runtime(
+            destination,
+            &self.shared.transport,
+            &self.shared.options.service,
+        )
+        .map_err(|reason| EgressError::InvalidDestination {
+            index: 0,
+            id: destination.id.clone(),
+            reason,
+        })?;
         let mut map = self
             .shared
             .destinations
@@ -496,12 +507,19 @@ impl Egress {
     }
 }
 
+/// Validates a destination; one with its own TLS settings gets its connection pool now (its
+/// files read, errors at `tls.…`), shared with the other destinations with the same settings.
 fn build_runtime(
     destination: &Destination,
+    transport: &Transport,
     options: &ServiceOptions,
 ) -> Result<DestinationRuntime, String> {
     let settings = destination_settings(destination)?;
-    DestinationRuntime::new(settings, options)
+    let rt = DestinationRuntime::new(settings, options)?;
+    if rt.settings.tls.is_some() {
+        transport.with_tls(rt.settings.tls.as_ref())?;
+    }
+    Ok(rt)
 }
 
 /// The order keys of an export: its identities, or its profile name when it has none.

@@ -122,10 +122,14 @@ pub fn status_field(status: Option<u16>) -> String {
 }
 
 impl DestinationRuntime {
-    /// Validates the settings (URL, headers, token URL). Errors name no secret.
+    /// Validates the settings (URL, headers, token URL, TLS files readable). Errors name no
+    /// secret.
     pub fn new(settings: DestinationSettings, options: &ServiceOptions) -> Result<Self, String> {
         let template = RequestTemplate::new(&settings.request_url, &settings.headers)?;
         let authorizer = Authorizer::new(&settings.auth)?;
+        if let Some(tls) = &settings.tls {
+            tls.validate().map_err(|e| e.within("tls").to_string())?;
+        }
         let policy = RetryPolicy::new(
             &settings.delivery,
             options.backoff_base,
@@ -224,13 +228,26 @@ fn status_text(status: StatusCode) -> String {
     }
 }
 
-/// Delivers one export: one round of the retry policy.
+/// Delivers one export: one round of the retry policy. A destination with TLS settings is
+/// sent to (token requests included) through `transport`'s client for them; when their files
+/// cannot be read any more, the round fails at once with that error.
 pub async fn deliver_round(
     rt: &DestinationRuntime,
     transport: &Transport,
     idempotency_key: &str,
     payload: &Bytes,
 ) -> RoundResult {
+    let own;
+    let transport = match &rt.settings.tls {
+        None => transport,
+        Some(tls) => match transport.with_tls(Some(tls)) {
+            Ok(t) => {
+                own = t;
+                &own
+            }
+            Err(error) => return failed(rt, 1, None, error),
+        },
+    };
     let mut attempts = 0u32;
     let mut retries = 0u32;
     let mut refresh_for: Option<u64> = None;

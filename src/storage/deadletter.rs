@@ -101,7 +101,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Auth, Delivery};
+use crate::config::{Auth, Delivery, Tls};
 
 const LOG_FILE: &str = "deadletters.log";
 const LOCK_FILE: &str = "deadletters.lock";
@@ -127,6 +127,10 @@ pub struct DestinationSettings {
     /// The auth as configured (secrets literal or env references).
     pub auth: Auth,
     pub delivery: Delivery,
+    /// The destination's TLS files (absolute paths), read again at each redrive; absent in
+    /// entries stored before TLS settings existed (the system's trust store then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 /// An entry to store; [`DeadLetterStore::put`] gives it an id.
@@ -1267,6 +1271,7 @@ mod tests {
             headers: vec![("x-a".into(), "1".into())],
             auth: Auth::None,
             delivery: Delivery::default(),
+            tls: None,
         }
     }
 
@@ -1281,6 +1286,35 @@ mod tests {
             last_status: Some(503),
             last_error: "HTTP 503 Service Unavailable".into(),
         }
+    }
+
+    #[test]
+    fn tls_settings_are_kept_and_old_entries_without_them_still_load() {
+        // As stored before destinations had TLS settings.
+        let old = r#"{"id":"d1","requestUrl":"https://x/","headers":[],"auth":{"type":"none"},
+                      "delivery":{"maxRetries":2,"timeoutMs":2000,"maxInFlight":256,
+                                  "retryOn":[503]}}"#;
+        let settings: DestinationSettings = serde_json::from_str(old).unwrap();
+        assert_eq!(settings.tls, None);
+        // No `tls` key is written for a destination without TLS settings.
+        assert!(
+            serde_json::to_value(&settings)
+                .unwrap()
+                .get("tls")
+                .is_none()
+        );
+        let with_tls = DestinationSettings {
+            tls: Some(Tls {
+                ca_file: Some("/etc/x/ca.pem".into()),
+                client_cert_file: None,
+                client_key_file: None,
+            }),
+            ..settings
+        };
+        let json = serde_json::to_value(&with_tls).unwrap();
+        assert_eq!(json["tls"], serde_json::json!({"caFile": "/etc/x/ca.pem"}));
+        let back: DestinationSettings = serde_json::from_value(json).unwrap();
+        assert_eq!(back, with_tls);
     }
 
     #[test]
