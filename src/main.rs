@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use streamdest::config::Config;
 use streamdest::egress::{self, Egress, EgressOptions};
 use streamdest::pipeline::Cluster;
-use streamdest::replay::{Deliver, DryRun, ReplayOptions, Source, replay};
+use streamdest::replay::{Deliver, DryRun, FeedSummary, Interrupt, ReplayOptions, Source, replay};
 use streamdest::storage::deadletter::{DeadLetterFilter, DeadLetterStore};
 
 #[derive(Parser)]
@@ -445,14 +445,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             }
             let plan = Arc::new(config.plan(now_ms()));
+            // The first SIGINT/SIGTERM stops reading; what was read is still finished.
+            let interrupt = Interrupt::new();
+            let source = Source::parse(&events);
             let options = ReplayOptions {
-                source: Source::parse(&events),
+                source: source.clone(),
                 workers: usize::from(workers),
                 batch: usize::try_from(batch).unwrap_or(usize::MAX),
                 cluster: cluster.cluster(),
+                interrupt: interrupt.clone(),
             };
             // `not_stored`: failed exports the dead-letter store could not take.
             let (summary, not_stored) = if dry_run {
+                // Only for the signal handlers; lives until the process exits.
+                let signals = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("signals")
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
+                interrupt.install(signals.handle())?;
                 let (summary, _) =
                     replay(plan.clone(), &options, DryRun::new(plan)).context("replay")?;
                 eprintln!(
@@ -478,6 +490,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!("opening the dead-letter store in {}", data_dir.display())
                 })?;
                 let rt = runtime()?;
+                interrupt.install(rt.handle())?;
                 let egress = {
                     let _guard = rt.enter();
                     Egress::new(
@@ -501,6 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )?;
                 (summary, unstored.len())
             };
+            report_interrupt(&summary, &interrupt, &source, dry_run);
             if let Some(error) = summary.error {
                 eprintln!("streamdest: {error}");
                 return Ok(ExitCode::FAILURE);
@@ -510,8 +524,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if not_stored > 0 {
                 return Ok(ExitCode::FAILURE);
             }
+            // Interrupted before the end of the input: the status a shell gives a process that
+            // the signal stopped (130 for SIGINT, 143 for SIGTERM).
+            if let Some(interrupted) = summary.interrupted {
+                return Ok(ExitCode::from(interrupted.signal.exit_status()));
+            }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// After the summary: whether a signal cut the input short, and where.
+fn report_interrupt(summary: &FeedSummary, interrupt: &Interrupt, source: &Source, dry_run: bool) {
+    let done = if dry_run {
+        "written"
+    } else {
+        "delivered or dead-lettered"
+    };
+    match (summary.interrupted, interrupt.requested()) {
+        (Some(i), _) => eprintln!(
+            "replay: interrupted by {}: stopped reading {} of {}; the events before it were \
+             processed and their exports {done}",
+            i.signal.name(),
+            if i.after_line == 0 {
+                "before the first line".to_string()
+            } else {
+                format!("after line {}", i.after_line)
+            },
+            source.name()
+        ),
+        (None, Some(signal)) => eprintln!(
+            "replay: {} came after the whole input was read: nothing was skipped, and the \
+             exports were {done}",
+            signal.name()
+        ),
+        (None, None) => {}
     }
 }
 

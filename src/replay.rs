@@ -4,11 +4,21 @@
 //!
 //! A malformed line stops the feed: the events before it (its epoch's too) are processed and
 //! their exports handed on, then the error names the file and line.
+//!
+//! An [`Interrupt`] (the first `SIGINT` or `SIGTERM`, once [`Interrupt::install`]ed) stops the
+//! feed the same way: the lines already taken are processed and handed on, nothing more is
+//! read, and [`FeedSummary::interrupted`] says where it stopped. The input is read on a thread
+//! of its own, so a feed waiting on a quiet pipe notices the interrupt at once.
 
-use std::io::{BufRead, Write};
+use std::cell::Cell;
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use anyhow::{Context, anyhow};
 use streamdest_operators::export::Encoded;
@@ -34,7 +44,8 @@ impl Source {
         }
     }
 
-    fn name(&self) -> String {
+    /// `stdin`, or the file's path.
+    pub fn name(&self) -> String {
         match self {
             Source::Stdin => "stdin".into(),
             Source::File(p) => p.display().to_string(),
@@ -48,6 +59,136 @@ pub struct ReplayOptions {
     pub workers: usize,
     pub batch: usize,
     pub cluster: Option<Cluster>,
+    /// When it is triggered, the replay stops reading (see [`Interrupt`]).
+    pub interrupt: Interrupt,
+}
+
+/// The signal that interrupted a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    /// `SIGINT` or `SIGTERM`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Interrupt => "SIGINT",
+            Signal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// The exit status of a process this signal stopped, as shells report it: 128 + the
+    /// signal's number (130 for `SIGINT`, 143 for `SIGTERM`).
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 1,
+            Signal::Terminate => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Signal> {
+        match code {
+            1 => Some(Signal::Interrupt),
+            2 => Some(Signal::Terminate),
+            _ => None,
+        }
+    }
+}
+
+/// A request to stop reading, shared between whoever asks (a signal handler) and the feed,
+/// which checks it before each line. Cheap to clone; the default is never triggered.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt {
+    /// 0: not triggered; else [`Signal::code`] of the first signal.
+    state: Arc<AtomicU8>,
+}
+
+impl Interrupt {
+    pub fn new() -> Interrupt {
+        Interrupt::default()
+    }
+
+    /// Asks the replay to stop reading; only the first call counts. Returns whether it was
+    /// the first.
+    pub fn trigger(&self, signal: Signal) -> bool {
+        self.state
+            .compare_exchange(0, signal.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The signal that triggered it, if any.
+    pub fn requested(&self) -> Option<Signal> {
+        Signal::from_code(self.state.load(Ordering::Acquire))
+    }
+
+    /// Catches `SIGINT` and `SIGTERM` on `runtime` (which must have its signal driver
+    /// enabled, and must live until the process exits): the first triggers this interrupt and
+    /// says so on stderr; a second exits the process at once, with status 128 + its number.
+    /// The handlers are in place when this returns. The thread that reads the input needs no
+    /// runtime: it only checks [`Interrupt::requested`].
+    pub fn install(&self, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
+        let interrupt = self.clone();
+        let _guard = runtime.enter();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+            let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+            runtime.spawn(async move {
+                loop {
+                    let signal = tokio::select! {
+                        Some(()) = int.recv() => Signal::Interrupt,
+                        Some(()) = term.recv() => Signal::Terminate,
+                        else => return,
+                    };
+                    interrupt.on_signal(signal);
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        {
+            runtime.spawn(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    interrupt.on_signal(Signal::Interrupt);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn on_signal(&self, signal: Signal) {
+        if self.trigger(signal) {
+            eprintln!(
+                "streamdest: {}: no more input is read; finishing the exports of the events \
+                 already read (press Ctrl-C again to exit at once)",
+                signal.name()
+            );
+        } else {
+            eprintln!(
+                "streamdest: {} again: exiting at once; exports not yet finished were neither \
+                 delivered nor dead-lettered",
+                signal.name()
+            );
+            std::process::exit(i32::from(signal.exit_status()));
+        }
+    }
+}
+
+/// Where an interrupted replay stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interrupted {
+    pub signal: Signal,
+    /// The number (1-based) of the last input line taken; 0 when none was.
+    pub after_line: u64,
 }
 
 /// What a replay did.
@@ -59,6 +200,8 @@ pub struct FeedSummary {
     pub elapsed: Duration,
     /// The malformed line that stopped the feed, as `FILE:LINE: reason`.
     pub error: Option<String>,
+    /// The feed stopped before the end of its input because of an [`Interrupt`].
+    pub interrupted: Option<Interrupted>,
 }
 
 /// Something that takes each completed epoch's exports, in epoch order.
@@ -129,18 +272,39 @@ pub fn replay<H: ExportHandler>(
     options: &ReplayOptions,
     handler: H,
 ) -> anyhow::Result<(FeedSummary, H)> {
-    let reader: Box<dyn BufRead> = match &options.source {
-        Source::Stdin => Box::new(std::io::BufReader::new(std::io::stdin())),
-        Source::File(path) => Box::new(std::io::BufReader::with_capacity(
-            1 << 20,
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        )),
+    let (input, finished) = read_lines(&options.source, options.interrupt.clone())?;
+    let interrupt = options.interrupt.clone();
+    // Set when the interrupt cut the input short: the last line taken.
+    let stopped: Rc<Cell<Option<u64>>> = Rc::default();
+    let lines = {
+        let stopped = stopped.clone();
+        let mut chunk = Vec::new().into_iter();
+        let mut last = 0u64;
+        std::iter::from_fn(move || {
+            loop {
+                if interrupt.requested().is_some() {
+                    // Cut short, unless every line was already taken.
+                    let complete =
+                        chunk.len() == 0 && finished.load(Ordering::Acquire) && input.is_empty();
+                    if !complete {
+                        stopped.set(Some(last));
+                    }
+                    return None;
+                }
+                if let Some(line) = chunk.next() {
+                    if let Ok((number, _)) = &line {
+                        last = *number;
+                    }
+                    return Some(line);
+                }
+                match input.recv_timeout(INTERRUPT_POLL) {
+                    Ok(next) => chunk = next.into_iter(),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                }
+            }
+        })
     };
-    let name = options.source.name();
-    let lines = reader.lines().enumerate().map(move |(i, line)| {
-        line.map_err(|e| format!("{name}:{}: {e}", i + 1))
-            .map(|l| (i + 1, l))
-    });
     let updates = {
         let name = options.source.name();
         let plan = plan.clone();
@@ -159,7 +323,7 @@ pub fn replay<H: ExportHandler>(
             }
         })
     };
-    feed(
+    let (mut summary, handler) = feed(
         plan,
         options.workers,
         options.cluster.clone(),
@@ -167,7 +331,84 @@ pub fn replay<H: ExportHandler>(
         updates,
         handler,
         Some(Progress::new()),
-    )
+    )?;
+    if let (Some(after_line), Some(signal)) = (stopped.get(), options.interrupt.requested()) {
+        summary.interrupted = Some(Interrupted { signal, after_line });
+    }
+    Ok((summary, handler))
+}
+
+/// How often a feed waiting for input checks for an interrupt.
+const INTERRUPT_POLL: Duration = Duration::from_millis(20);
+
+/// Lines handed from the reading thread to the feed at once, at most.
+const CHUNK_LINES: usize = 1024;
+
+/// A line: its 1-based number and text, or the read error as `NAME:LINE: reason`.
+type Line = Result<(u64, String), String>;
+
+/// Reads `source` on a thread of its own, in chunks of lines: a chunk is handed on when it is
+/// full or when nothing more is buffered (the next read may block, as on a quiet pipe). The
+/// thread stops at the end of the input (then the flag returned is set before the last chunk
+/// is sent), at a read error, when the feed hangs up, or — at its next line — when `interrupt`
+/// is triggered; while blocked in a read it just waits, and dies with the process.
+fn read_lines(
+    source: &Source,
+    interrupt: Interrupt,
+) -> anyhow::Result<(Receiver<Vec<Line>>, Arc<AtomicBool>)> {
+    let input: Box<dyn Read + Send> = match source {
+        Source::Stdin => Box::new(std::io::stdin()),
+        Source::File(path) => Box::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        ),
+    };
+    let name = source.name();
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<Line>>(4);
+    let finished = Arc::new(AtomicBool::new(false));
+    let at_end = finished.clone();
+    std::thread::Builder::new()
+        .name("replay-input".into())
+        .spawn(move || {
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, input);
+            let mut chunk = Vec::with_capacity(CHUNK_LINES);
+            let mut number = 0u64;
+            loop {
+                let mut text = String::new();
+                let read = reader.read_line(&mut text);
+                if interrupt.requested().is_some() {
+                    return;
+                }
+                let end = match read {
+                    Ok(0) => {
+                        at_end.store(true, Ordering::Release);
+                        true
+                    }
+                    Ok(_) => {
+                        number += 1;
+                        if text.ends_with('\n') {
+                            text.pop();
+                            if text.ends_with('\r') {
+                                text.pop();
+                            }
+                        }
+                        chunk.push(Ok((number, text)));
+                        false
+                    }
+                    Err(e) => {
+                        chunk.push(Err(format!("{name}:{}: {e}", number + 1)));
+                        true
+                    }
+                };
+                if end || chunk.len() >= CHUNK_LINES || reader.buffer().is_empty() {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_LINES));
+                    if (!full.is_empty() && tx.send(full).is_err()) || end {
+                        return;
+                    }
+                }
+            }
+        })
+        .context("starting the input thread")?;
+    Ok((rx, finished))
 }
 
 /// The live progress of a replay on stderr: one line rewritten in place on a terminal (twice a

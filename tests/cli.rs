@@ -267,3 +267,220 @@ fn a_dead_endpoint_gives_a_few_json_warnings_not_one_per_export() {
     assert!(!stderr.contains("Some("), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "no colour codes into a pipe");
 }
+
+/// A fragment for profile `p{i}@x.org`, first name John: one export each with
+/// `examples/config.json`.
+fn john(i: usize) -> String {
+    format!(
+        r#"{{"type":"fragment","dataset":"crm","id":"c{i}","timestamp":"2024-05-01T10:00:00Z","identityMap":{{"email":[{{"id":"p{i}@x.org"}}]}},"attributes":{{"person":{{"name":{{"firstName":"John"}}}}}}}}"#
+    )
+}
+
+/// Sends `signal` to the child.
+fn signal(child: &std::process::Child, signal: i32) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill");
+}
+
+/// Waits up to `timeout` for the child to exit; kills it (and returns `None`) after that.
+fn wait_within(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Collects a pipe's lines on a thread.
+fn collect_lines(
+    pipe: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead as _;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    lines
+}
+
+/// Ctrl-C while `replay --dry-run` reads a slow pipe that stays open: it stops reading at once
+/// (it does not wait for the next line or the end of the input), writes the exports of every
+/// line it took, prints its summary saying where it stopped, and exits 130.
+#[test]
+fn a_first_interrupt_stops_reading_and_finishes_what_was_read() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    let config = example_config();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamdest"))
+        .args(["replay", "--config"])
+        .arg(&config)
+        .args(["--events", "-", "--dry-run"])
+        .env_remove("ANALYTICS_SECRET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start streamdest");
+    let stdout = collect_lines(child.stdout.take().expect("stdout"));
+    let stderr = collect_lines(child.stderr.take().expect("stderr"));
+
+    // One line every 20 ms; after `pause`, nothing more, but the pipe stays open until `close`.
+    let written = Arc::new(AtomicUsize::new(0));
+    let pause = Arc::new(AtomicBool::new(false));
+    let close = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let (written, pause, close) = (written.clone(), pause.clone(), close.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !close.load(Ordering::SeqCst) {
+                if !pause.load(Ordering::SeqCst) && i < 10_000 {
+                    if writeln!(pipe, "{}", john(i))
+                        .and_then(|()| pipe.flush())
+                        .is_err()
+                    {
+                        break;
+                    }
+                    i += 1;
+                    written.store(i, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // Mid-read: some exports are out, more lines are coming.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stdout.lock().expect("lock").len() < 5 {
+        assert!(Instant::now() < deadline, "no exports: {:?}", stderr.lock());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pause.store(true, Ordering::SeqCst);
+    signal(&child, libc::SIGINT);
+    let at_signal = written.load(Ordering::SeqCst);
+    let status = wait_within(&mut child, Duration::from_secs(15));
+    close.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    std::thread::sleep(Duration::from_millis(100)); // the last lines of the pipes
+    let stderr = stderr.lock().expect("lock").join("\n");
+    let status = status.unwrap_or_else(|| panic!("still running with stdin open:\n{stderr}"));
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("SIGINT: no more input is read"), "{stderr}");
+    assert!(
+        stderr.contains("replay: interrupted by SIGINT: stopped reading after line"),
+        "{stderr}"
+    );
+
+    // The summary counts the events taken; each one's export is on stdout, in order.
+    let events: usize = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("replay: ")?
+                .split_once(" events in ")?
+                .0
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    assert!(
+        (5..=at_signal).contains(&events),
+        "{events} events, {at_signal} lines written before the signal"
+    );
+    assert!(stderr.contains(&format!("stopped reading after line {events} of stdin")));
+    let profiles: Vec<String> = stdout
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            v["profile"].as_str().expect("profile").to_string()
+        })
+        .collect();
+    let expected: Vec<String> = (0..events).map(|i| format!("email:p{i}@x.org")).collect();
+    assert_eq!(profiles, expected);
+}
+
+/// A second Ctrl-C does not wait for the delivery drain: the process exits at once, 130.
+#[test]
+fn a_second_interrupt_exits_at_once() {
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Takes connections and never answers: every export waits for its 30 s timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    silent.set_nonblocking(true).expect("nonblocking");
+    let config = serde_json::json!({
+        "mergePolicies": [{"id": "mp", "attributeMerge": "timestampOrdered", "identityStitching": "privateGraph"}],
+        "audiences": [{"id": "all", "mergePolicy": "mp", "rule": "true"}],
+        "destinations": [{"id": "d", "name": "Silent",
+                          "endpoint": format!("http://{}/", silent.local_addr().expect("addr")),
+                          "audiences": [{"id": "all"}],
+                          "delivery": {"maxRetries": 0, "timeoutMs": 30000}}]
+    });
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let events: String = (0..3).map(|i| john(i) + "\n").collect();
+    let events_path = dir.path().join("events.ndjson");
+    std::fs::write(&events_path, events).expect("write events");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamdest"))
+        .args(["replay", "--config"])
+        .arg(&config_path)
+        .arg("--events")
+        .arg(&events_path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start streamdest");
+    let stderr = collect_lines(child.stderr.take().expect("stderr"));
+    // Delivery has started: a request is waiting for its answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _held = loop {
+        match silent.accept() {
+            Ok((stream, _)) => break stream,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "no request: {:?}", stderr.lock());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the first interrupt lets the delivery finish: {:?}",
+        stderr.lock()
+    );
+    let second = Instant::now();
+    signal(&child, libc::SIGINT);
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    let took = second.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    let stderr = stderr.lock().expect("lock").join("\n");
+    let status = status.unwrap_or_else(|| panic!("still running:\n{stderr}"));
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(stderr.contains("SIGINT again: exiting at once"), "{stderr}");
+    assert!(!stderr.contains("delivered 3"), "{stderr}");
+}
