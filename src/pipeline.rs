@@ -20,7 +20,7 @@ use streamdest_operators::history::Seed;
 use streamdest_operators::input::{Epoch, EpochInput};
 use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{Plan, Plans};
-use streamdest_operators::sink::{Completed, SnapshotPart, export_sink, snapshot_sink};
+use streamdest_operators::sink::{Completed, SnapshotPart, export_sink};
 use timely::WorkerConfig;
 
 /// Timely's cluster options, for running one dataflow across processes.
@@ -155,13 +155,18 @@ impl Pipeline {
             let meter = meter.clone();
             let index = worker.index();
             let mut inputs = worker.dataflow::<Epoch, _, _>(move |scope| {
-                let (inputs, candidates, records) = build(scope, plans.clone(), &meter);
-                export_sink(candidates, plans.clone(), index, move |c| {
-                    let _ = completed_tx.send(c);
-                });
-                snapshot_sink(records, plans, index, move |part| {
-                    let _ = snapshot_tx.send(part);
-                });
+                let (inputs, decisions) = build(scope, plans.clone(), &meter);
+                export_sink(
+                    decisions,
+                    plans,
+                    index,
+                    move |c| {
+                        let _ = completed_tx.send(c);
+                    },
+                    move |part| {
+                        let _ = snapshot_tx.send(part);
+                    },
+                );
                 inputs
             });
             let _ = threads_tx.send((local, std::thread::current()));

@@ -36,8 +36,7 @@ use timely::dataflow::operators::core::input::{Handle, Input as _};
 use timely::dataflow::operators::{Concat, Concatenate};
 use timely::dataflow::{Scope, Stream};
 
-use crate::export::Candidate;
-use crate::history::{Seed, history};
+use crate::history::{Decided, Seed, history};
 use crate::input::{
     Epoch, EpochInput, FragKey, FragRef, FragmentWrite, IdKey, ProfileKey, UploadWrite,
 };
@@ -50,10 +49,8 @@ use crate::upsert::{FragmentIdentities, FragmentMark, Upserted, upsert};
 use crate::view::{Member, views};
 
 type Coll<'s, D> = VecCollection<'s, Epoch, D, isize>;
-/// Each epoch's export candidates.
-pub type Candidates<'s> = Stream<'s, Epoch, Vec<Candidate>>;
-/// The records handed out at snapshot epochs.
-pub type Records<'s> = Stream<'s, Epoch, Vec<Seed>>;
+/// Each epoch's export candidates, and the records handed out at snapshot epochs.
+pub type Decisions<'s> = Stream<'s, Epoch, Vec<Decided>>;
 type UploadRecord = ((AudienceIdx, IdKey), UploadWrite, Epoch);
 
 /// The handles a worker pushes its share of each epoch into.
@@ -97,15 +94,12 @@ impl Inputs {
     }
 }
 
-/// Builds the dataflow in `scope`. Returns the input handles, the export candidates of each
-/// epoch (see [`crate::sink`]) and the records handed out at snapshot epochs. `meter` counts each stage's updates when it is on. The
+/// Builds the dataflow in `scope`. Returns the input handles and the decisions: the export
+/// candidates of each epoch and the records handed out at snapshot epochs (see
+/// [`crate::sink`]). `meter` counts each stage's updates when it is on. The
 /// dataflow's shape follows the first plan (every branch, when it is dynamic); each stage
 /// reads the plan in force at the epoch it acts on.
-pub fn build<'s>(
-    scope: Scope<'s, Epoch>,
-    plans: Plans,
-    meter: &Meter,
-) -> (Inputs, Candidates<'s>, Records<'s>) {
+pub fn build<'s>(scope: Scope<'s, Epoch>, plans: Plans, meter: &Meter) -> (Inputs, Decisions<'s>) {
     let plan = plans.at(0);
     let (fragment_handle, fragment_writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
@@ -120,7 +114,7 @@ pub fn build<'s>(
     meter.stream("fragment marks", &fragment_marks);
     let uploads = uploads(upload_writes.clone());
 
-    let (candidates, records): (Vec<_>, Vec<_>) = plan
+    let decisions: Vec<_> = plan
         .stitchings()
         .into_iter()
         .map(|kind| {
@@ -138,17 +132,13 @@ pub fn build<'s>(
                 },
             )
         })
-        .unzip();
+        .collect();
     let inputs = Inputs {
         fragments: fragment_handle,
         uploads: upload_handle,
         seeds: seed_handle,
     };
-    (
-        inputs,
-        scope.concatenate(candidates),
-        scope.concatenate(records),
-    )
+    (inputs, scope.concatenate(decisions))
 }
 
 /// What every stitching reads.
@@ -175,14 +165,13 @@ fn uploads<'s>(writes: Stream<'s, Epoch, Vec<UploadRecord>>) -> Coll<'s, (IdKey,
     .as_collection(|key, _| *key)
 }
 
-/// The export candidates of the profiles of one stitching, and their records at snapshot
-/// epochs.
+/// The decisions about the profiles of one stitching.
 fn profiles<'s>(
     plans: &Plans,
     kind: Stitching,
     meter: &Meter,
     sources: Sources<'s>,
-) -> (Candidates<'s>, Records<'s>) {
+) -> Decisions<'s> {
     let plan = plans.at(0);
     let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
     let member_changes = profile_members(

@@ -13,7 +13,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
 use crate::export::{Candidate, Encoded, encode};
-use crate::history::Seed;
+use crate::history::{Decided, Seed};
 use crate::input::Epoch;
 use crate::plan::{DestinationIdx, Plans};
 
@@ -27,20 +27,29 @@ pub struct Completed {
     pub epochs: Vec<(Epoch, Vec<Encoded>)>,
 }
 
-/// Attaches the export sink to `candidates`; `emit` is called on the worker thread and must not
-/// block for long (hand the message to a channel).
+/// Attaches the export sink to the decisions: `emit` gets the exports of every completed epoch
+/// (see [`Completed`]), `snapshot` each snapshot epoch's records of this worker (possibly
+/// none, so that the receiver knows when it has every worker's). Both are called on the worker
+/// thread and must not block for long (hand the message to a channel).
 pub fn export_sink<'s>(
-    candidates: Stream<'s, Epoch, Vec<Candidate>>,
+    decisions: Stream<'s, Epoch, Vec<Decided>>,
     plans: Plans,
     worker: usize,
     mut emit: impl FnMut(Completed) + 'static,
+    mut snapshot: impl FnMut(SnapshotPart) + 'static,
 ) {
     let mut pending: BTreeMap<Epoch, Vec<Candidate>> = BTreeMap::new();
+    let mut records: BTreeMap<Epoch, Vec<Seed>> = BTreeMap::new();
     let mut reported: Epoch = 0;
-    candidates.sink(Pipeline, "ExportSink", move |(input, frontier)| {
-        input.for_each(|cap, candidates| {
+    decisions.sink(Pipeline, "ExportSink", move |(input, frontier)| {
+        input.for_each(|cap, decisions| {
             if let Some(epoch) = cap.least() {
-                pending.entry(*epoch).or_default().append(candidates);
+                for d in decisions.drain(..) {
+                    match d {
+                        Decided::Candidate(c) => pending.entry(*epoch).or_default().push(c),
+                        Decided::Record(r) => records.entry(*epoch).or_default().push(r),
+                    }
+                }
             }
         });
         let upper = frontier
@@ -67,6 +76,17 @@ pub fn export_sink<'s>(
             }
             epochs.push((epoch, exports));
         }
+        if plans.dynamic() {
+            for epoch in plans.control_epochs(reported, upper) {
+                if plans.is_snapshot(epoch) {
+                    snapshot(SnapshotPart {
+                        worker,
+                        epoch,
+                        records: records.remove(&epoch).unwrap_or_default(),
+                    });
+                }
+            }
+        }
         reported = upper;
         emit(Completed {
             worker,
@@ -82,44 +102,4 @@ pub struct SnapshotPart {
     pub worker: usize,
     pub epoch: Epoch,
     pub records: Vec<Seed>,
-}
-
-/// Attaches the snapshot sink to the records `decide` hands out: once its frontier has passed
-/// a snapshot epoch, each worker emits its part (possibly empty), so the receiver knows when
-/// it has every worker's.
-pub fn snapshot_sink<'s>(
-    records: Stream<'s, Epoch, Vec<Seed>>,
-    plans: Plans,
-    worker: usize,
-    mut emit: impl FnMut(SnapshotPart) + 'static,
-) {
-    let mut pending: BTreeMap<Epoch, Vec<Seed>> = BTreeMap::new();
-    let mut reported: Epoch = 0;
-    records.sink(Pipeline, "SnapshotSink", move |(input, frontier)| {
-        input.for_each(|cap, records| {
-            if let Some(epoch) = cap.least() {
-                pending.entry(*epoch).or_default().append(records);
-            }
-        });
-        let upper = frontier
-            .frontier()
-            .iter()
-            .min()
-            .copied()
-            .unwrap_or(Epoch::MAX);
-        if upper <= reported {
-            return;
-        }
-        for epoch in plans.control_epochs(reported, upper) {
-            if plans.is_snapshot(epoch) {
-                emit(SnapshotPart {
-                    worker,
-                    epoch,
-                    records: pending.remove(&epoch).unwrap_or_default(),
-                });
-            }
-        }
-        pending.retain(|e, _| *e >= upper);
-        reported = upper;
-    });
 }

@@ -403,6 +403,7 @@ pub struct HandOff {
 
 impl HandOff {
     pub fn run(mut self) -> anyhow::Result<()> {
+        let writer = snapshot_writer(self.data_dir.clone(), self.wal.clone(), self.acks.clone())?;
         let mut ids: Vec<String> = Vec::new();
         while let Some((epoch, exports)) = self.stream.next_epoch() {
             let change = self
@@ -422,7 +423,7 @@ impl HandOff {
                 }
                 if let Some(inputs) = change.snapshot {
                     let records = self.stream.snapshot(epoch)?;
-                    self.write_snapshot(*inputs, records);
+                    self.write_snapshot(&writer, *inputs, records);
                 }
             }
             for e in exports {
@@ -478,31 +479,57 @@ impl HandOff {
         }
     }
 
-    /// Completes a snapshot with the records and the outbox, and writes it on its own thread;
-    /// once it is durable, the log behind it and the acknowledgements it makes moot go.
-    fn write_snapshot(&self, inputs: Inputs, records: Vec<streamdest_operators::history::Seed>) {
+    /// Completes a snapshot with the records and the outbox and hands it to the writer. While
+    /// the writer is still busy with an earlier one, this one is dropped: snapshots are
+    /// written one at a time, in order (a later one must never be overwritten by an earlier
+    /// one, whose log the later one's truncation may have deleted), and the next comes soon.
+    fn write_snapshot(
+        &self,
+        writer: &crossbeam_channel::Sender<Snapshot>,
+        inputs: Inputs,
+        records: Vec<streamdest_operators::history::Seed>,
+    ) {
         let outbox: Vec<OutboxEntry> = self
             .egress
             .unfinished()
             .iter()
             .map(OutboxEntry::from)
             .collect();
-        let data_dir = self.data_dir.clone();
-        let wal = self.wal.clone();
-        let acks = self.acks.clone();
-        let spawned = std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
+        let position = inputs.position;
+        let snapshot = Snapshot {
+            inputs,
+            records,
+            outbox,
+        };
+        if writer.try_send(snapshot).is_err() {
+            tracing::debug!(
+                position,
+                "snapshot skipped: the previous one is still being written"
+            );
+        }
+    }
+}
+
+/// The snapshot writer: one thread, one snapshot at a time. Once a snapshot is durable, the
+/// log before it is deleted and the acknowledgements it makes moot are dropped.
+fn snapshot_writer(
+    data_dir: PathBuf,
+    wal: Arc<Wal>,
+    acks: AckLog,
+) -> anyhow::Result<crossbeam_channel::Sender<Snapshot>> {
+    let (tx, rx) = crossbeam_channel::bounded::<Snapshot>(0);
+    std::thread::Builder::new()
+        .name("snapshot".into())
+        .spawn(move || {
+            for snapshot in rx {
                 let started = Instant::now();
-                let position = inputs.position;
-                let keep: HashSet<String> =
-                    outbox.iter().map(|e| e.idempotency_key.clone()).collect();
-                let (profiles, entries) = (records.len(), outbox.len());
-                let snapshot = Snapshot {
-                    inputs,
-                    records,
-                    outbox,
-                };
+                let position = snapshot.inputs.position;
+                let keep: HashSet<String> = snapshot
+                    .outbox
+                    .iter()
+                    .map(|e| e.idempotency_key.clone())
+                    .collect();
+                let (profiles, entries) = (snapshot.records.len(), snapshot.outbox.len());
                 match snapshot::write(&data_dir, &snapshot) {
                     Ok(bytes) => {
                         drop(snapshot);
@@ -520,11 +547,10 @@ impl HandOff {
                     }
                     Err(e) => tracing::error!(error = %e, "snapshot not written; the log is kept"),
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "snapshot not written; the log is kept");
-        }
-    }
+            }
+        })
+        .context("starting the snapshot writer")?;
+    Ok(tx)
 }
 
 /// Starts the hand-off thread; `failed` hears of the error it stops with, if any.

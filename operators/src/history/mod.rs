@@ -116,41 +116,29 @@ impl Touch {
     }
 }
 
-/// What `decide` hands out.
+/// What `decide` hands out: export candidates, and at snapshot epochs every record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-enum Decided {
+pub enum Decided {
     Candidate(Candidate),
-    /// A record, at a snapshot epoch.
-    Record(ProfileKey, Record),
+    /// A record of a profile of this stitching, at a snapshot epoch.
+    Record(Seed),
 }
 
 /// History and decision for the profiles of stitching `kind`: the export candidates, and at
-/// each snapshot epoch every record.
+/// each snapshot epoch every record (one stream: the sink takes both, nothing is copied).
 pub fn history<'s>(
     plans: Plans,
     kind: Stitching,
     to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
     seeds: Stream<'s, Epoch, Vec<Seed>>,
-) -> (
-    crate::dataflow::Candidates<'s>,
-    crate::dataflow::Records<'s>,
-) {
+) -> Stream<'s, Epoch, Vec<Decided>> {
     let shared = Rc::new(RefCell::new(Shared::default()));
     let scope = to_profiles.scope();
     let passes = route(plans.clone(), kind, to_profiles, shared.clone(), scope);
     let seeds = seeds.flat_map(move |(k, profile, record): Seed| {
         (k == kind).then_some((profile, Pass::Seed(record)))
     });
-    let decided = decide(plans, kind, passes.concat(seeds), shared);
-    let candidates = decided.clone().flat_map(|d| match d {
-        Decided::Candidate(c) => Some(c),
-        Decided::Record(..) => None,
-    });
-    let records = decided.flat_map(move |d| match d {
-        Decided::Record(profile, record) => Some((kind, profile, record)),
-        Decided::Candidate(_) => None,
-    });
-    (candidates, records)
+    decide(plans, kind, passes.concat(seeds), shared)
 }
 
 fn route<'s>(
@@ -306,7 +294,7 @@ fn decide<'s>(
                             shared
                                 .records
                                 .iter()
-                                .map(|(p, r)| Decided::Record(*p, r.clone())),
+                                .map(|(p, r)| Decided::Record((kind, *p, r.clone()))),
                         );
                     }
                 }
