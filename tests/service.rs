@@ -870,3 +870,52 @@ async fn backfill_matches_a_one_epoch_replay_of_the_same_history() {
         backfill.len()
     );
 }
+
+/// `--max-log-bytes`: past the budget every write gets 503 with `Retry-After` and changes
+/// nothing; reads still work. A budget below two segments is refused at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_budget_answers_503_and_a_tiny_one_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &config("http://127.0.0.1:9"));
+    let err = Service::try_start(
+        &cfg,
+        &dir.path().join("tiny"),
+        &["--max-log-bytes", "100", "--log-segment-bytes", "400"],
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        err.contains("--max-log-bytes 100 is below two log segments"),
+        "{err}"
+    );
+
+    let svc = Service::start(
+        &cfg,
+        &dir.path().join("data"),
+        &["--max-log-bytes", "3000", "--log-segment-bytes", "1400"],
+    );
+    let mut refused = None;
+    for i in 0..100 {
+        let (status, body) = svc.request(
+            "POST",
+            "/v1/events",
+            &[("Content-Type", "application/json")],
+            &person(&format!("p{i}"), "Ann").to_string(),
+        );
+        if status != 202 {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("the budget is reached");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("budget"), "{body}");
+    let (status, _) = svc.json(
+        "PUT",
+        "/v1/audiences/x",
+        &json!({"mergePolicy": "p", "source": "upload"}),
+    );
+    assert_eq!(status, 503);
+    assert_eq!(svc.json("GET", "/v1/audiences/x", &Value::Null).0, 404);
+    assert_eq!(svc.request("GET", "/healthz", &[], "").0, 200);
+}

@@ -8,7 +8,7 @@
 //! | `streamdest_events_accepted_total` | counter | events acknowledged by `POST /v1/events` |
 //! | `streamdest_epochs_total` | counter | dataflow epochs closed |
 //! | `streamdest_wal_bytes` | gauge | bytes in the write-ahead log |
-//! | `streamdest_wal_position` | gauge | the log's last durable position |
+//! | `streamdest_wal_position` | gauge | the log's next position: records durable so far, counted from the log's first |
 //! | `streamdest_exports_total{destination}` | counter | exports submitted to the egress |
 //! | `streamdest_deliveries_total{destination}` | counter | exports delivered |
 //! | `streamdest_retries_total{destination}` | counter | attempts beyond the first |
@@ -48,7 +48,7 @@ pub struct MetricsSnapshot {
     pub epochs: u64,
     /// Bytes in the write-ahead log.
     pub wal_bytes: u64,
-    /// The write-ahead log's last durable position.
+    /// The write-ahead log's next position (one past the last durable record).
     pub wal_position: u64,
     /// Per destination id.
     pub destinations: BTreeMap<String, DestinationMetrics>,
@@ -211,7 +211,7 @@ impl Collector for SnapshotCollector {
         gauge(
             &mut encoder,
             "streamdest_wal_position",
-            "The write-ahead log's last durable position.",
+            "The write-ahead log's next position (one past the last durable record).",
             s.wal_position,
         )?;
         use MetricType::{Counter, Gauge};

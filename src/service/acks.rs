@@ -67,11 +67,15 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(AckLog, HashSet<String>)> {
             }
         }
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = {
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?
+    };
     // A torn last line was never synced whole: cut it, so the next key starts a line.
     if file.metadata().map(|m| m.len()).unwrap_or(0) > whole {
         file.set_len(whole)
@@ -155,7 +159,11 @@ fn writer(mut file: File, path: std::path::PathBuf, rx: Receiver<Msg>) {
 fn compact(path: &Path, position: u64, keep: &HashSet<String>) -> std::io::Result<File> {
     let text = std::fs::read(path)?;
     let tmp = path.with_extension("log.tmp");
-    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut out = std::io::BufWriter::new(options.open(&tmp)?);
     for line in text.split(|b| *b == b'\n') {
         let Ok(key) = std::str::from_utf8(line) else {
             continue;

@@ -51,7 +51,12 @@ impl Service {
         let known = self
             .sequencer
             .with_control(|c| c.config().destination(id).is_some());
-        if known || self.egress.destination_ids().iter().any(|d| d == id) {
+        // A deleted destination's dead letters stay listable and re-drivable.
+        let has_letters = self
+            .egress
+            .dead_letters()
+            .is_some_and(|store| !store.list(Some(id)).is_empty());
+        if known || has_letters || self.egress.destination_ids().iter().any(|d| d == id) {
             Ok(())
         } else {
             Err(ApiError::NotFound(format!("no destination with id {id:?}")))

@@ -57,8 +57,9 @@ use crate::storage::wal::{Wal, WalOptions};
 use control::{Control, ControlChange};
 use sequencer::{Sequencer, SequencerOptions};
 
-/// How long shutdown may take, from the signal.
-const SHUTDOWN_WITHIN: Duration = Duration::from_secs(9);
+/// How long deliveries in flight may take to finish, from the signal (SPEC §7: exit within
+/// 10 s; the rest of the budget is for flushing and stopping the runtime).
+const SHUTDOWN_WITHIN: Duration = Duration::from_secs(8);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -80,8 +81,19 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let began = Instant::now();
     let file_config = Config::from_file(&options.config).map_err(|e| anyhow!("{e}"))?;
     file_config.unset_secrets().map_err(|e| anyhow!("{e}"))?;
-    std::fs::create_dir_all(&options.data_dir)
+    create_private_dir(&options.data_dir)
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
+    let segment_bytes = options
+        .segment_bytes
+        .unwrap_or(crate::storage::wal::DEFAULT_SEGMENT_BYTES);
+    if let Some(budget) = options.max_wal_bytes
+        && budget < 2 * segment_bytes
+    {
+        bail!(
+            "--max-log-bytes {budget} is below two log segments ({} bytes): the current segment is never deleted, so intake could stop for good",
+            2 * segment_bytes
+        );
+    }
 
     let mut wal_options = WalOptions::default();
     if let Some(bytes) = options.segment_bytes {
@@ -314,11 +326,25 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })?;
+    // Tasks still delivering are abandoned (their exports go out after the next start).
+    runtime.shutdown_timeout(Duration::from_millis(500));
     drop(hand_off);
     match fatal_rx.borrow_and_update().clone() {
         Some(reason) => Err(anyhow!("{reason}")),
         None => Ok(()),
     }
+}
+
+/// Creates `dir` (and its parents) if missing; a new data directory is private (0700).
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// Waits for SIGTERM or SIGINT; returns when it came.
