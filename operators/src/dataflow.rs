@@ -57,7 +57,8 @@ type UploadRecord = ((AudienceIdx, IdKey), UploadWrite, Epoch);
 pub struct Inputs {
     fragments: Handle<Epoch, CapacityContainerBuilder<Vec<(FragKey, FragmentWrite)>>>,
     uploads: Handle<Epoch, CapacityContainerBuilder<Vec<UploadRecord>>>,
-    seeds: Handle<Epoch, CapacityContainerBuilder<Vec<Seed>>>,
+    /// Only under a dynamic plan (the service restores snapshots).
+    seeds: Option<Handle<Epoch, CapacityContainerBuilder<Vec<Seed>>>>,
 }
 
 impl Inputs {
@@ -74,8 +75,10 @@ impl Inputs {
         for (key, write) in data.uploads {
             self.uploads.send((key, write, epoch));
         }
-        for seed in data.seeds {
-            self.seeds.send(seed);
+        if let Some(handle) = self.seeds.as_mut() {
+            for seed in data.seeds {
+                handle.send(seed);
+            }
         }
         self.advance_to(epoch + 1);
     }
@@ -84,7 +87,9 @@ impl Inputs {
         if *self.fragments.time() < epoch {
             self.fragments.advance_to(epoch);
             self.uploads.advance_to(epoch);
-            self.seeds.advance_to(epoch);
+            if let Some(handle) = self.seeds.as_mut() {
+                handle.advance_to(epoch);
+            }
         }
     }
 
@@ -103,7 +108,13 @@ pub fn build<'s>(scope: Scope<'s, Epoch>, plans: Plans, meter: &Meter) -> (Input
     let plan = plans.at(0);
     let (fragment_handle, fragment_writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
     let (upload_handle, upload_writes) = scope.new_input::<Vec<UploadRecord>>();
-    let (seed_handle, seeds) = scope.new_input::<Vec<Seed>>();
+    let (seed_handle, seeds) = match plan.dynamic {
+        true => {
+            let (handle, stream) = scope.new_input::<Vec<Seed>>();
+            (Some(handle), Some(stream))
+        }
+        false => (None, None),
+    };
 
     let Upserted {
         fragments,
@@ -148,7 +159,7 @@ struct Sources<'s> {
     fragment_marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
     uploads: Coll<'s, (IdKey, AudienceIdx)>,
     upload_writes: Stream<'s, Epoch, Vec<UploadRecord>>,
-    seeds: Stream<'s, Epoch, Vec<Seed>>,
+    seeds: Option<Stream<'s, Epoch, Vec<Seed>>>,
 }
 
 /// The upload memberships, `(identity, audience)`, from their upserts.

@@ -130,15 +130,18 @@ pub fn history<'s>(
     plans: Plans,
     kind: Stitching,
     to_profiles: Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>,
-    seeds: Stream<'s, Epoch, Vec<Seed>>,
+    seeds: Option<Stream<'s, Epoch, Vec<Seed>>>,
 ) -> Stream<'s, Epoch, Vec<Decided>> {
     let shared = Rc::new(RefCell::new(Shared::default()));
     let scope = to_profiles.scope();
     let passes = route(plans.clone(), kind, to_profiles, shared.clone(), scope);
-    let seeds = seeds.flat_map(move |(k, profile, record): Seed| {
-        (k == kind).then_some((profile, Pass::Seed(record)))
-    });
-    decide(plans, kind, passes.concat(seeds), shared)
+    let passes = match seeds {
+        Some(seeds) => passes.concat(seeds.flat_map(move |(k, profile, record): Seed| {
+            (k == kind).then_some((profile, Pass::Seed(record)))
+        })),
+        None => passes,
+    };
+    decide(plans, kind, passes, shared)
 }
 
 fn route<'s>(
