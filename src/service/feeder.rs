@@ -93,9 +93,11 @@ pub struct Start {
     pub uploads: HashSet<(AudienceIdx, IdKey)>,
 }
 
-/// When to take a snapshot: once replaying the log since the last one would cost about as
-/// much as loading a snapshot — as many events as the state holds fragments (at least
-/// `events`) — or after `records` log records or `bytes` of log, whichever comes first.
+/// When to take a snapshot: once replaying the log since the last one would cost about half as
+/// much as loading a snapshot — half as many events as the state holds fragments (at least
+/// `events`) — or after `records` log records or `bytes` of log, whichever comes first. A
+/// restart then costs at most about one and a half loads of the state, however long the
+/// history.
 #[derive(Clone, Copy, Debug)]
 pub struct SnapshotPolicy {
     pub records: u64,
@@ -108,7 +110,7 @@ impl Default for SnapshotPolicy {
         SnapshotPolicy {
             records: 20_000,
             bytes: 256 << 20,
-            events: 100_000,
+            events: 50_000,
         }
     }
 }
@@ -272,7 +274,7 @@ impl Feeder {
         let replay_cost = fed.saturating_sub(events);
         let due = position.saturating_sub(at) >= self.snapshots.records
             || self.wal.disk_bytes().saturating_sub(bytes) >= self.snapshots.bytes
-            || replay_cost >= self.snapshots.events.max(state.fragments.len() as u64);
+            || replay_cost >= self.snapshots.events.max(state.fragments.len() as u64 / 2);
         if !due {
             return Ok(());
         }
