@@ -599,8 +599,18 @@ fn report_delivery(
         wall.as_secs_f64()
     );
     for (id, d) in &stats.destinations {
+        let causes = if d.retried_by_cause.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = d
+                .retried_by_cause
+                .iter()
+                .map(|(cause, n)| format!("{cause}: {n}"))
+                .collect();
+            format!(" ({})", list.join(", "))
+        };
         eprintln!(
-            "  destination {id}: exports {}, delivered {}, retried {}, dead-lettered {}",
+            "  destination {id}: exports {}, delivered {}, retried {}{causes}, dead-lettered {}",
             d.exports, d.delivered, d.retried, d.dead_lettered
         );
     }

@@ -400,6 +400,19 @@ fn replay_against_failing_endpoint(rt: &tokio::runtime::Runtime) -> Failing {
     assert_eq!(s.delivered, 0, "{}", run.stderr);
     assert_eq!(s.dead_lettered, n as u64, "{}", run.stderr);
     assert_eq!(s.retried, n as u64, "one retry each: {}", run.stderr);
+    // Retries by cause: in the per-destination summary, and in aggregate in the log at the
+    // default level (the first at once).
+    assert!(
+        run.stderr.contains(&format!("retried {n} (HTTP 503: {n})")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("attempts failed and are retried")
+            && run.stderr.contains("HTTP 503: 1"),
+        "{}",
+        run.stderr
+    );
     assert!(
         !run.stderr.contains(TOKEN),
         "the token leaked: {}",

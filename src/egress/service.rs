@@ -67,6 +67,8 @@ pub struct Counters {
     /// HTTP requests sent to the endpoint.
     pub requests: AtomicU64,
     pub latency: std::sync::Mutex<Histogram<u64>>,
+    /// Retries by the cause of the attempt before them ([`retry_cause`]).
+    pub retry_causes: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 pub(crate) fn new_histogram() -> Histogram<u64> {
@@ -85,6 +87,7 @@ impl Default for Counters {
             pending: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             latency: std::sync::Mutex::new(new_histogram()),
+            retry_causes: Default::default(),
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct DestinationRuntime {
     pub max_response_body: usize,
     /// Dead letters not yet reported in a warning (see [`DestinationRuntime::warn_failure`]).
     failures: std::sync::Mutex<FailureLog>,
+    /// Retries not yet reported (see [`DestinationRuntime::count_retry`]).
+    retries: std::sync::Mutex<RetryLog>,
 }
 
 /// Rate-limits the warnings of a failing destination: one line at once, then at most one
@@ -111,6 +116,40 @@ pub struct DestinationRuntime {
 struct FailureLog {
     last: Option<std::time::Instant>,
     since_last: u64,
+}
+
+/// Retries not yet reported, by cause.
+#[derive(Debug, Default)]
+struct RetryLog {
+    last: Option<std::time::Instant>,
+    since_last: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// What made an attempt fail and be retried, for counting: the status class of a response
+/// (`HTTP 503`…), a timeout, a failed token fetch, or a connection error.
+pub fn retry_cause(status: Option<u16>, error: &str) -> &'static str {
+    match status {
+        Some(408) => "HTTP 408",
+        Some(429) => "HTTP 429",
+        Some(500) => "HTTP 500",
+        Some(502) => "HTTP 502",
+        Some(503) => "HTTP 503",
+        Some(504) => "HTTP 504",
+        Some(401) => "HTTP 401",
+        Some(s) if s >= 500 => "HTTP 5xx (other)",
+        Some(_) => "HTTP 4xx (other)",
+        None if error.starts_with("timed out") => "timeout",
+        None if error.contains("token") => "token fetch",
+        None => "connection error",
+    }
+}
+
+fn causes_text(causes: &std::collections::BTreeMap<&'static str, u64>) -> String {
+    causes
+        .iter()
+        .map(|(cause, n)| format!("{cause}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How often a failing destination is reported at the default log level.
@@ -153,11 +192,43 @@ impl DestinationRuntime {
             counters: Arc::default(),
             max_response_body: options.max_response_body,
             failures: Default::default(),
+            retries: Default::default(),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.settings.id
+    }
+
+    /// Counts a retry by its cause, and reports the retries at the default level in
+    /// aggregate: the first at once, then one line a period per destination.
+    pub fn count_retry(&self, cause: &'static str) {
+        *self
+            .counters
+            .retry_causes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cause)
+            .or_default() += 1;
+        let now = std::time::Instant::now();
+        let mut log = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        *log.since_last.entry(cause).or_default() += 1;
+        if log
+            .last
+            .is_some_and(|last| now.duration_since(last) < FAILURE_LOG_PERIOD)
+        {
+            return;
+        }
+        let causes = std::mem::take(&mut log.since_last);
+        log.last = Some(now);
+        drop(log);
+        tracing::warn!(
+            destination = self.id(),
+            retries = causes.values().sum::<u64>(),
+            causes = %causes_text(&causes),
+            retried_total = self.counters.retried.load(Ordering::Relaxed),
+            "attempts failed and are retried (one line per destination every 10 s at most)"
+        );
     }
 
     /// Reports an export that failed for good: the first at once, then one summary line a
@@ -303,6 +374,7 @@ pub async fn deliver_round(
             return failed(rt, attempts, status, error);
         }
         retries += 1;
+        rt.count_retry(retry_cause(status, &error));
         let delay = rt.policy.random_delay(retries, retry_after);
         tracing::debug!(destination = rt.id(), idempotency_key, status = %status_field(status), %error, attempts, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
         tokio::time::sleep(delay).await;
@@ -415,6 +487,31 @@ async fn attempt(
         Attempt::Final {
             status: Some(code),
             error: status_text(status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_cause;
+
+    #[test]
+    fn retry_causes_one_row_each() {
+        let rows: &[(Option<u16>, &str, &str)] = &[
+            (Some(503), "HTTP 503 Service Unavailable", "HTTP 503"),
+            (Some(429), "HTTP 429 Too Many Requests", "HTTP 429"),
+            (Some(507), "HTTP 507", "HTTP 5xx (other)"),
+            (Some(418), "HTTP 418", "HTTP 4xx (other)"),
+            (None, "timed out after 2000 ms", "timeout"),
+            (None, "access token request failed: HTTP 500", "token fetch"),
+            (
+                None,
+                "connection error: tcp connect error",
+                "connection error",
+            ),
+        ];
+        for (status, error, cause) in rows {
+            assert_eq!(retry_cause(*status, error), *cause, "{status:?} {error}");
         }
     }
 }

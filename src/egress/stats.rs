@@ -16,6 +16,8 @@ pub struct DestinationStats {
     pub delivered: u64,
     /// Attempts beyond the first of each export.
     pub retried: u64,
+    /// The retries by the cause of the failed attempt before them.
+    pub retried_by_cause: BTreeMap<&'static str, u64>,
     /// Failed and stored in the dead-letter store (or failed with no store configured).
     pub dead_lettered: u64,
     /// Failed and could NOT be stored in the dead-letter store: kept in memory.
@@ -57,6 +59,11 @@ impl DestinationStats {
             exports: c.exports.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
+            retried_by_cause: c
+                .retry_causes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             not_stored: c.not_stored.load(Ordering::Relaxed),
             pending: c.pending.load(Ordering::Relaxed),
@@ -72,6 +79,7 @@ impl DestinationStats {
             "exports": self.exports,
             "delivered": self.delivered,
             "retried": self.retried,
+            "retriedByCause": self.retried_by_cause,
             "deadLettered": self.dead_lettered,
             "notStored": self.not_stored,
             "pending": self.pending,
