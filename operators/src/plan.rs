@@ -131,6 +131,10 @@ pub struct PlanChange {
     /// `(destination, audience)` mappings that are new: every profile realized in the
     /// audience is exported to the destination once (SPEC §3 trigger 4).
     pub backfill: Vec<(DestinationIdx, AudienceIdx)>,
+    /// The change can change views (a policy or an audience changed, or a path became mapped):
+    /// every profile's view is recomputed. A destination change that maps no new path leaves
+    /// the views as they are.
+    pub reevaluate: bool,
 }
 
 impl Plan {

@@ -163,7 +163,8 @@ pub fn views<'s>(
                     let epoch = *cap.time();
                     let plan = plans.at(epoch);
                     let mut touched = Vec::new();
-                    if plans.is_control(epoch) {
+                    if plans.is_control(epoch) && plan.change.as_ref().is_some_and(|c| c.reevaluate)
+                    {
                         touched.extend(profiles.keys().copied());
                     }
                     for (profile, member, diff) in changes {

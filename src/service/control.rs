@@ -148,9 +148,24 @@ impl Control {
                 }
             }
         }
-        let plan =
-            next.layout
-                .plan(&next.config, now_ms, Some(PlanChange { ts, seq, backfill }))?;
+        let mapped_before = self.layout.mapped_paths();
+        let mut plan = next.layout.plan(&next.config, now_ms, None)?;
+        let reevaluate = !matches!(
+            change,
+            ControlChange::Put {
+                kind: ObjectKind::Destination,
+                ..
+            } | ControlChange::Delete {
+                kind: ObjectKind::Destination,
+                ..
+            }
+        ) || next.layout.mapped_paths() > mapped_before;
+        plan.change = Some(PlanChange {
+            ts,
+            seq,
+            backfill,
+            reevaluate,
+        });
         let shown = match change {
             ControlChange::Put { kind, id, .. } => next.show(*kind, id).unwrap_or(Value::Null),
             ControlChange::Delete { .. } => Value::Null,
@@ -313,6 +328,10 @@ mod tests {
         let change = applied.plan.change.clone().expect("a change");
         assert_eq!(change.backfill, vec![(0, 0)]);
         assert_eq!((change.ts, change.seq), (2_000_000, 7));
+        assert!(
+            !change.reevaluate,
+            "a destination mapping no new path leaves the views"
+        );
 
         let applied = c
             .apply(&d(r#"[{"id":"a"},{"id":"b"}]"#), 3_000_000, 8)

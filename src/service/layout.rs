@@ -171,6 +171,11 @@ impl Layout {
         .finish())
     }
 
+    /// How many paths have ever been mapped.
+    pub fn mapped_paths(&self) -> usize {
+        self.mapped_paths.len()
+    }
+
     /// Destination ids by index (removed ones included).
     pub fn destination_ids(&self) -> &[String] {
         &self.destinations
