@@ -701,3 +701,82 @@ fn views_change_only_when_the_view_does() {
         ]
     );
 }
+
+/// A control epoch (a dynamic plan that changed) brings the views no data: the standing gate
+/// still acts on it, and when the change can change views every profile's view is recomputed
+/// under the new plan — checked against `assemble` from scratch; a change that cannot
+/// (`reevaluate: false`) recomputes nothing, and later epochs use the plan then in force.
+#[test]
+fn views_recompute_every_profile_at_a_control_epoch() {
+    use streamdest_operators::plan::PlanChange;
+    use streamdest_operators::view::assemble;
+
+    let dynamic = |removed: bool, reevaluate: Option<bool>| {
+        let mut p = plan();
+        p.dynamic = true;
+        p.audiences[0].removed = removed;
+        p.change = reevaluate.map(|reevaluate| PlanChange {
+            ts: 1,
+            seq: 1,
+            backfill: Vec::new(),
+            reevaluate,
+        });
+        p
+    };
+    let f7 = FragRef(fragment(1 << 63, &[1], 1, vec![]));
+    let f8 = FragRef(fragment(1 << 63 | 1, &[2], 2, vec![]));
+    let changes: Vec<Vec<MemberChange>> = vec![
+        vec![
+            ((7, Member::Fragment(f7.clone())), 0, 1),
+            ((7, Member::Upload(0)), 0, 1),
+            ((8, Member::Fragment(f8.clone())), 0, 1),
+        ],
+        vec![],
+        // Epoch 2: audience 0 removed (control); epoch 3: back, but reevaluate is off.
+        vec![],
+        vec![],
+        vec![((8, Member::Upload(0)), 4, 1)],
+    ];
+    let plans = Plans::new(Arc::new(dynamic(false, None)));
+    let after_removal = Arc::new(dynamic(true, Some(true)));
+    plans.set(2, after_removal.clone());
+    plans.set(3, Arc::new(dynamic(false, Some(false))));
+    let worker_plans = plans.clone();
+    let captured = timely::execute_directly(move |worker| {
+        let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<MemberChange>>();
+            let out = views(worker_plans.clone(), Stitching::PrivateGraph, stream);
+            (input, out.capture())
+        });
+        for (t, epoch) in changes.into_iter().enumerate() {
+            input.advance_to(t as Epoch);
+            for change in epoch {
+                input.send(change);
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        captured
+    });
+    let mut out: Vec<(Epoch, ProfileKey, isize, Vec<u16>)> = messages(captured)
+        .into_iter()
+        .map(|(p, v, t, d)| (t, p, d, v.policies[0].qualified.clone()))
+        .collect();
+    out.sort();
+    assert_eq!(
+        out,
+        vec![
+            (0, 7, 1, vec![0]),
+            (0, 8, 1, vec![]),
+            (2, 7, -1, vec![0]),
+            (2, 7, 1, vec![]),
+            (4, 8, -1, vec![]),
+            (4, 8, 1, vec![0]),
+        ]
+    );
+    // The recomputed view is what `assemble` makes of the members under the new plan.
+    let members = [Member::Fragment(f7), Member::Upload(0)];
+    let scratch =
+        assemble(&after_removal, Stitching::PrivateGraph, members.iter()).expect("a profile");
+    assert!(scratch.policies[0].qualified.is_empty());
+}
