@@ -135,6 +135,7 @@ fn letter(profile: &str, url: &str) -> NewDeadLetter {
         attempts: 3,
         last_status: Some(503),
         last_error: "HTTP 503 Service Unavailable".into(),
+        last_response_body: None,
     }
 }
 
@@ -591,7 +592,7 @@ fn list_shows_the_entry_id_idempotency_key_and_failure_times() {
     // A failed redrive of b: its last failure is later than its first.
     assert!(
         store
-            .update(b.id, 4, Some(400), "HTTP 400 Bad Request")
+            .update(b.id, 4, Some(400), "HTTP 400 Bad Request", None)
             .unwrap()
     );
     drop(store);
@@ -615,6 +616,7 @@ fn list_shows_the_entry_id_idempotency_key_and_failure_times() {
             "attempts",
             "lastStatus",
             "lastError",
+            "lastResponseBody",
             "payload",
             "entry",
             "idempotencyKey",

@@ -31,6 +31,7 @@ fn letter(profile: &str, url: &str) -> NewDeadLetter {
         attempts: 3,
         last_status: Some(503),
         last_error: "HTTP 503 Service Unavailable".into(),
+        last_response_body: None,
     }
 }
 
@@ -277,6 +278,7 @@ async fn list_prints_one_json_object_per_entry() {
             "attempts",
             "lastStatus",
             "lastError",
+            "lastResponseBody",
             "payload",
             "entry",
             "idempotencyKey",
@@ -337,4 +339,197 @@ async fn an_outage_dead_letters_every_export_durably() {
     profiles.sort();
     profiles.dedup();
     assert_eq!(profiles.len(), 1000);
+}
+
+/// The dead letter's `lastResponseBody`, as `dead-letters list` prints it.
+fn listed_body(store: &DeadLetterStore) -> serde_json::Value {
+    let lines = list_json_lines(store, None);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    v["lastResponseBody"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400s_body_is_kept_in_the_dead_letter() {
+    let body = r#"{"error":"field x is missing"}"#;
+    let server = TestServer::always(Reply::Full(
+        400,
+        vec![("content-type".into(), "application/json".into())],
+        body.into(),
+    ))
+    .await;
+    let (_dir, store) = temp_store();
+    let (egress, _) = egress_with(
+        vec![destination("d", &server.url("/"), json!({}))],
+        Some(store.clone()),
+        16,
+    );
+    egress.submit(export("d", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    let e = &store.list(None)[0];
+    assert_eq!((e.attempts, e.last_status), (1, Some(400)));
+    assert_eq!(e.last_response_body.as_deref(), Some(body));
+    assert_eq!(listed_body(&store), json!(body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_body_is_cut_to_its_first_kib() {
+    // 3 KiB: "é" (2 bytes) after 1023 ASCII bytes straddles the 1024-byte cut.
+    let body = format!("{}é{}", "a".repeat(1023), "z".repeat(3 * 1024 - 1025));
+    assert_eq!(body.len(), 3 * 1024);
+    let server = TestServer::always(Reply::Full(500, vec![], body)).await;
+    let (_dir, store) = temp_store();
+    let (egress, _) = egress_with(
+        vec![destination(
+            "d",
+            &server.url("/"),
+            json!({"delivery": {"maxRetries": 0}}),
+        )],
+        Some(store.clone()),
+        16,
+    );
+    egress.submit(export("d", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    let listed = listed_body(&store);
+    let kept = listed.as_str().expect("a string");
+    assert!(kept.len() <= 1024, "{}", kept.len());
+    assert_eq!(kept, "a".repeat(1023), "cut on the character boundary");
+    assert_eq!(store.list(None)[0].last_status, Some(500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_body_when_the_last_attempt_got_no_response() {
+    // Timeouts only.
+    let server = TestServer::always(Reply::Hang).await;
+    let (_dir, store) = temp_store();
+    let (egress, _) = egress_with(
+        vec![destination(
+            "d",
+            &server.url("/"),
+            json!({"delivery": {"timeoutMs": 150, "maxRetries": 1}}),
+        )],
+        Some(store.clone()),
+        16,
+    );
+    egress.submit(export("d", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    assert_eq!(listed_body(&store), serde_json::Value::Null);
+
+    // A 500 with a body, then a timeout: it is the last attempt's (absent) body that counts.
+    let server = TestServer::sequence(vec![
+        Reply::Full(500, vec![], "first attempt".into()),
+        Reply::Hang,
+    ])
+    .await;
+    let (_dir, store) = temp_store();
+    let (egress, _) = egress_with(
+        vec![destination(
+            "d",
+            &server.url("/"),
+            json!({"delivery": {"timeoutMs": 150, "maxRetries": 1}}),
+        )],
+        Some(store.clone()),
+        16,
+    );
+    egress.submit(export("d", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    assert_eq!(server.count(), 2);
+    let e = &store.list(None)[0];
+    assert_eq!((e.attempts, e.last_status), (2, None));
+    assert_eq!(listed_body(&store), serde_json::Value::Null);
+
+    // An empty body is no body.
+    let server = TestServer::always(Reply::Status(400)).await;
+    let (_dir, store) = temp_store();
+    let (egress, _) = egress_with(
+        vec![destination("d", &server.url("/"), json!({}))],
+        Some(store.clone()),
+        16,
+    );
+    egress.submit(export("d", "ecid:1", 1)).await.unwrap();
+    egress.drain().await;
+    assert_eq!(listed_body(&store), serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_redrive_replaces_the_body() {
+    let server = TestServer::always(Reply::Json(422, json!({"error": "bad email"}))).await;
+    let (dir, store) = temp_store();
+    let mut old = letter("a", &server.url("/"));
+    old.last_response_body = Some("from before".into());
+    store.put(old).unwrap();
+    let report = redrive(store.clone(), None).await;
+    assert_eq!(
+        report,
+        RedriveReport {
+            succeeded: 0,
+            failed: 1
+        }
+    );
+    let e = &store.list(None)[0];
+    assert_eq!((e.attempts, e.last_status), (4, Some(422)));
+    let expected = json!({"error": "bad email"}).to_string();
+    assert_eq!(listed_body(&store), json!(expected));
+    // Durable: the update record carries it.
+    drop(store);
+    let store = DeadLetterStore::open(dir.path()).unwrap();
+    assert_eq!(listed_body(&store), json!(expected));
+}
+
+/// `[len][crc32][body]` for a record written by hand.
+fn frame(record: &serde_json::Value) -> Vec<u8> {
+    let body = record.to_string().into_bytes();
+    let mut out = Vec::new();
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn a_store_written_before_response_bodies_were_kept_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let destination = serde_json::to_value(letter("a", "http://127.0.0.1:1/").destination).unwrap();
+    // The records as an older version wrote them: no `lastResponseBody` anywhere.
+    let put = |id: u64, profile: &str| {
+        json!({"op": "put", "id": id, "destination": destination, "profile": profile, "epoch": 1,
+               "idempotencyKey": format!("key-{profile}"), "payload": "eyJwIjoxfQ==", "attempts": 3,
+               "lastStatus": 503, "lastError": "HTTP 503 Service Unavailable",
+               "storedAtMs": 1_700_000_000_000_i64, "updatedAtMs": 1_700_000_000_000_i64})
+    };
+    let mut log = b"SDDLQ\0\0\x01".to_vec();
+    log.extend(frame(&put(1, "email:a")));
+    log.extend(frame(&put(2, "email:b")));
+    log.extend(frame(&json!({"op": "update", "id": 2, "attempts": 6, "lastStatus": 400,
+                             "lastError": "HTTP 400 Bad Request", "updatedAtMs": 1_700_000_001_000_i64})));
+    std::fs::write(log_path(dir.path()), &log).unwrap();
+
+    let ro = DeadLetterStore::open_read_only(dir.path()).unwrap();
+    assert!(ro.damage().is_empty(), "{:?}", ro.damage());
+    let lines = list_json_lines(&ro, None);
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["lastResponseBody"], serde_json::Value::Null, "{v}");
+    }
+    let b: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(
+        (b["attempts"].clone(), b["lastStatus"].clone()),
+        (json!(6), json!(400))
+    );
+
+    // Opened for writing, the old log takes new updates with a body.
+    let store = DeadLetterStore::open(dir.path()).unwrap();
+    assert!(
+        store
+            .update(1, 4, Some(400), "HTTP 400 Bad Request", Some("{}"))
+            .unwrap()
+    );
+    drop(store);
+    let store = DeadLetterStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.get(1).unwrap().last_response_body.as_deref(),
+        Some("{}")
+    );
+    assert_eq!(store.get(2).unwrap().last_response_body, None);
 }

@@ -613,6 +613,7 @@ async fn store_dead_letter(
         attempts: round.attempts,
         last_status: round.last_status,
         last_error: round.last_error.clone(),
+        last_response_body: round.last_body.clone(),
     };
     let (reply, stored) = oneshot::channel();
     let result = match tx.send((letter.clone(), reply)) {

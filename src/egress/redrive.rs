@@ -3,7 +3,7 @@
 //! Redrive needs no configuration: each entry carries its destination's settings. Every entry
 //! gets one more round of its retry policy with the *same* `Idempotency-Key`. Delivered
 //! entries leave the store; the others stay with `attempts` added up and the new
-//! `lastStatus`/`lastError`. Entries of one (destination, profile) are re-sent one after
+//! `lastStatus`/`lastError`/`lastResponseBody`. Entries of one (destination, profile) are re-sent one after
 //! another in their original order; different profiles concurrently, within each
 //! destination's `maxInFlight`. Entries with equal settings share one token cache.
 //!
@@ -125,7 +125,7 @@ async fn redrive_entry(
     rt: &Prepared,
     entry: DeadLetter,
 ) -> bool {
-    let (delivered, attempts, last_status, last_error) = match rt {
+    let (delivered, attempts, last_status, last_error, last_body) = match rt {
         Ok(rt) => {
             let round = deliver_round(rt, transport, &entry.idempotency_key, &entry.payload).await;
             (
@@ -133,6 +133,7 @@ async fn redrive_entry(
                 entry.attempts.saturating_add(round.attempts),
                 round.last_status,
                 round.last_error,
+                round.last_body,
             )
         }
         // Stored settings that no longer validate: no attempt was made.
@@ -141,6 +142,7 @@ async fn redrive_entry(
             entry.attempts,
             None,
             format!("cannot re-send: {reason}"),
+            None,
         ),
     };
     let id = entry.id;
@@ -149,7 +151,7 @@ async fn redrive_entry(
         if delivered {
             store.remove(id)
         } else {
-            store.update(id, attempts, last_status, &last_error)
+            store.update(id, attempts, last_status, &last_error, last_body.as_deref())
         }
     })
     .await;

@@ -273,6 +273,33 @@ pub struct RoundResult {
     pub last_status: Option<u16>,
     /// Empty when delivered. Never contains a secret.
     pub last_error: String,
+    /// The first [`MAX_KEPT_BODY`] bytes (lossy UTF-8) of the last attempt's response body;
+    /// `None` when delivered, when the last attempt got no response, or when its body was
+    /// empty (or larger than `max_response_body`, or not read in time).
+    pub last_body: Option<String>,
+}
+
+/// How much of a failed response's body a dead letter keeps.
+pub const MAX_KEPT_BODY: usize = 1024;
+
+/// The first [`MAX_KEPT_BODY`] bytes of a response body as lossy UTF-8, cut on a character
+/// boundary; `None` for an empty body.
+pub fn kept_body(body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    // A character starting before the cut is at most 4 bytes long: read that far so that it
+    // is decoded whole rather than as a replacement character.
+    let raw = &body[..body.len().min(MAX_KEPT_BODY + 3)];
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    if text.len() > MAX_KEPT_BODY {
+        let mut cut = MAX_KEPT_BODY;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    Some(text)
 }
 
 enum Attempt {
@@ -280,15 +307,19 @@ enum Attempt {
     /// `401` to an OAuth2 token of this generation.
     Unauthorized {
         generation: u64,
+        body: Option<String>,
     },
     Retryable {
         status: Option<u16>,
         error: String,
         retry_after: Option<Duration>,
+        /// The response's body (see [`kept_body`]); `None` without a response.
+        body: Option<String>,
     },
     Final {
         status: Option<u16>,
         error: String,
+        body: Option<String>,
     },
 }
 
@@ -316,7 +347,7 @@ pub async fn deliver_round(
                 own = t;
                 &own
             }
-            Err(error) => return failed(rt, 1, None, error),
+            Err(error) => return failed(rt, 1, None, error, None),
         },
     };
     let mut attempts = 0u32;
@@ -329,7 +360,7 @@ pub async fn deliver_round(
             rt.counters.retried.fetch_add(1, Ordering::Relaxed);
         }
         let attempt = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
-        let (status, error, retry_after) = match attempt {
+        let (status, error, retry_after, body) = match attempt {
             Attempt::Success(status) => {
                 tracing::debug!(
                     destination = rt.id(),
@@ -343,9 +374,10 @@ pub async fn deliver_round(
                     attempts,
                     last_status: Some(status),
                     last_error: String::new(),
+                    last_body: None,
                 };
             }
-            Attempt::Unauthorized { generation } if !refreshed_after_401 => {
+            Attempt::Unauthorized { generation, .. } if !refreshed_after_401 => {
                 tracing::debug!(
                     destination = rt.id(),
                     attempts,
@@ -355,23 +387,28 @@ pub async fn deliver_round(
                 refresh_for = Some(generation);
                 continue;
             }
-            Attempt::Unauthorized { .. } => {
+            Attempt::Unauthorized { body, .. } => {
                 let status = StatusCode::UNAUTHORIZED;
                 if rt.policy.retries_status(401) {
-                    (Some(401), status_text(status), None)
+                    (Some(401), status_text(status), None, body)
                 } else {
-                    return failed(rt, attempts, Some(401), status_text(status));
+                    return failed(rt, attempts, Some(401), status_text(status), body);
                 }
             }
-            Attempt::Final { status, error } => return failed(rt, attempts, status, error),
+            Attempt::Final {
+                status,
+                error,
+                body,
+            } => return failed(rt, attempts, status, error, body),
             Attempt::Retryable {
                 status,
                 error,
                 retry_after,
-            } => (status, error, retry_after),
+                body,
+            } => (status, error, retry_after, body),
         };
         if retries >= rt.policy.max_retries {
-            return failed(rt, attempts, status, error);
+            return failed(rt, attempts, status, error, body);
         }
         retries += 1;
         rt.count_retry(retry_cause(status, &error));
@@ -386,6 +423,7 @@ fn failed(
     attempts: u32,
     status: Option<u16>,
     error: String,
+    body: Option<String>,
 ) -> RoundResult {
     tracing::debug!(destination = rt.id(), status = %status_field(status), %error, attempts, "delivery failed");
     RoundResult {
@@ -393,6 +431,7 @@ fn failed(
         attempts,
         last_status: status,
         last_error: error,
+        last_body: body,
     }
 }
 
@@ -418,12 +457,14 @@ async fn attempt(
                 status: None,
                 error: e.to_string(),
                 retry_after: None,
+                body: None,
             };
         }
         Err(e) => {
             return Attempt::Final {
                 status: None,
                 error: e.to_string(),
+                body: None,
             };
         }
     };
@@ -436,6 +477,7 @@ async fn attempt(
             return Attempt::Final {
                 status: None,
                 error: e,
+                body: None,
             };
         }
     };
@@ -454,6 +496,7 @@ async fn attempt(
                 status: None,
                 error: e.to_string(),
                 retry_after: None,
+                body: None,
             };
         }
     };
@@ -469,9 +512,11 @@ async fn attempt(
     if status == StatusCode::UNAUTHORIZED && rt.authorizer.is_oauth2() {
         return Attempt::Unauthorized {
             generation: credential.generation,
+            body: kept_body(&exchange.body),
         };
     }
     let code = status.as_u16();
+    let body = kept_body(&exchange.body);
     if rt.policy.retries_status(code) {
         let retry_after = exchange
             .response
@@ -482,18 +527,48 @@ async fn attempt(
             status: Some(code),
             error: status_text(status),
             retry_after,
+            body,
         }
     } else {
         Attempt::Final {
             status: Some(code),
             error: status_text(status),
+            body,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::retry_cause;
+    use super::{MAX_KEPT_BODY, kept_body, retry_cause};
+
+    #[test]
+    fn kept_body_is_cut_on_a_char_boundary() {
+        assert_eq!(kept_body(b""), None);
+        assert_eq!(
+            kept_body(b"{\"error\":\"x\"}").as_deref(),
+            Some("{\"error\":\"x\"}")
+        );
+        assert_eq!(
+            kept_body(&[b'a'; 3000]).map(|s| s.len()),
+            Some(MAX_KEPT_BODY)
+        );
+        // "é" is 2 bytes: 1023 ASCII bytes then "é" straddles the cut, so it is left out.
+        let mut body = vec![b'a'; MAX_KEPT_BODY - 1];
+        body.extend_from_slice("éé".as_bytes());
+        let kept = kept_body(&body).unwrap_or_default();
+        assert_eq!(kept.len(), MAX_KEPT_BODY - 1);
+        assert!(kept.bytes().all(|b| b == b'a'));
+        // A 4-byte character that ends exactly at the cut is kept whole.
+        let mut body = vec![b'a'; MAX_KEPT_BODY - 4];
+        body.extend_from_slice("😀😀".as_bytes());
+        let kept = kept_body(&body).unwrap_or_default();
+        assert_eq!(kept.len(), MAX_KEPT_BODY);
+        assert!(kept.ends_with('😀'));
+        // Invalid UTF-8 is replaced, and the result still fits.
+        let kept = kept_body(&[0xff; 2000]).unwrap_or_default();
+        assert!(kept.len() <= MAX_KEPT_BODY && kept.chars().all(|c| c == '\u{fffd}'));
+    }
 
     #[test]
     fn retry_causes_one_row_each() {

@@ -4,8 +4,9 @@
 //!
 //! One file, `deadletters.log`, in the data directory: an 8-byte magic header followed by
 //! frames `[len: u32 LE][crc32(body): u32 LE][body: JSON record]`. Records are
-//! `put` (a whole entry), `update` (attempts, last status and error after a failed redrive)
-//! and `remove` (delivered on redrive). Every append is `fsync`ed before the call returns;
+//! `put` (a whole entry), `update` (attempts, last status, error and response body after a
+//! failed redrive) and `remove` (delivered on redrive). Fields added since the first format
+//! (`tls`, `lastResponseBody`) are optional in records, so older logs still load. Every append is `fsync`ed before the call returns;
 //! [`DeadLetterStore::put_batch`] writes many entries with one `fsync` (the egress batches
 //! what fails while the previous `fsync` runs, so an outage is not throttled by the disk).
 //!
@@ -80,6 +81,7 @@
 //! literally. The log file (and its temporary and corrupt copies) is therefore created with
 //! mode `0600` (directory `0700` when the store creates it). `lastError` texts are built by the
 //! egress from status codes and transport error kinds only and never contain a secret;
+//! `lastResponseBody` is the endpoint's own answer (its first KiB), never anything we sent;
 //! nothing in this module prints a secret or an entry's contents (the
 //! [`Secret`](crate::secret::Secret) type redacts itself in `Debug`).
 //!
@@ -147,6 +149,9 @@ pub struct NewDeadLetter {
     /// `None` when no response was received (connection error, timeout, token fetch failure).
     pub last_status: Option<u16>,
     pub last_error: String,
+    /// The first KiB (lossy UTF-8) of the last attempt's response body; `None` when that
+    /// attempt got no response or an empty body.
+    pub last_response_body: Option<String>,
 }
 
 /// A stored dead letter.
@@ -164,6 +169,10 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub last_status: Option<u16>,
     pub last_error: String,
+    /// The first KiB of the last attempt's response body (see [`NewDeadLetter`]); absent in
+    /// entries stored before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_response_body: Option<String>,
     /// Unix ms when the entry was first stored.
     pub stored_at_ms: i64,
     /// Unix ms of the last change (put or update).
@@ -177,7 +186,7 @@ impl DeadLetter {
     }
 
     /// The `dead-letters list` object (SPEC §5): `destination`, `profile`, `attempts`,
-    /// `lastStatus`, `lastError`, `payload`, then `entry` (the id `redrive --entry` and
+    /// `lastStatus`, `lastError`, `lastResponseBody` (`null` when none), `payload`, then `entry` (the id `redrive --entry` and
     /// `purge --entry` take), `idempotencyKey`, `firstFailedAt` (when it was stored) and
     /// `lastFailedAt` (its last failed delivery or redrive), RFC 3339 UTC, in that order.
     pub fn list_json(&self) -> serde_json::Value {
@@ -187,6 +196,7 @@ impl DeadLetter {
             self.attempts,
             self.last_status,
             &self.last_error,
+            self.last_response_body.as_deref(),
             &self.payload,
         );
         if let Some(obj) = v.as_object_mut() {
@@ -249,6 +259,7 @@ impl NewDeadLetter {
             self.attempts,
             self.last_status,
             &self.last_error,
+            self.last_response_body.as_deref(),
             &self.payload,
         )
     }
@@ -266,6 +277,7 @@ fn list_json(
     attempts: u32,
     last_status: Option<u16>,
     last_error: &str,
+    last_response_body: Option<&str>,
     payload: &[u8],
 ) -> serde_json::Value {
     serde_json::json!({
@@ -274,6 +286,7 @@ fn list_json(
         "attempts": attempts,
         "lastStatus": last_status,
         "lastError": last_error,
+        "lastResponseBody": last_response_body,
         "payload": payload_json(payload),
     })
 }
@@ -370,6 +383,9 @@ enum Record {
         attempts: u32,
         last_status: Option<u16>,
         last_error: String,
+        /// Absent in updates written before response bodies were kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_response_body: Option<String>,
         updated_at_ms: i64,
     },
     Remove {
@@ -598,6 +614,7 @@ impl DeadLetterStore {
                 attempts: letter.attempts,
                 last_status: letter.last_status,
                 last_error: letter.last_error,
+                last_response_body: letter.last_response_body,
                 stored_at_ms: now,
                 updated_at_ms: now,
             };
@@ -664,14 +681,15 @@ impl DeadLetterStore {
         self.len() == 0
     }
 
-    /// Records a failed redrive: the new attempt total and the last status and error.
-    /// Returns `false` when no such entry exists.
+    /// Records a failed redrive: the new attempt total and the last status, error and
+    /// response body. Returns `false` when no such entry exists.
     pub fn update(
         &self,
         id: u64,
         attempts: u32,
         last_status: Option<u16>,
         last_error: &str,
+        last_response_body: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         if !inner.entries.contains_key(&id) {
@@ -683,6 +701,7 @@ impl DeadLetterStore {
             attempts,
             last_status,
             last_error: last_error.to_string(),
+            last_response_body: last_response_body.map(str::to_string),
             updated_at_ms,
         };
         let size = self.append_record(&mut inner, &record)?;
@@ -690,6 +709,7 @@ impl DeadLetterStore {
             e.attempts = attempts;
             e.last_status = last_status;
             e.last_error = last_error.to_string();
+            e.last_response_body = last_response_body.map(str::to_string);
             e.updated_at_ms = updated_at_ms;
         }
         // Superseded updates are counted as live until the next compaction: a harmless
@@ -1149,12 +1169,14 @@ fn apply(inner: &mut Inner, record: Record, size: u64) {
             attempts,
             last_status,
             last_error,
+            last_response_body,
             updated_at_ms,
         } => {
             if let Some(e) = inner.entries.get_mut(&id) {
                 e.attempts = attempts;
                 e.last_status = last_status;
                 e.last_error = last_error;
+                e.last_response_body = last_response_body;
                 e.updated_at_ms = updated_at_ms;
                 inner.live_bytes += size;
                 *inner.frame_sizes.entry(id).or_insert(0) += size;
@@ -1285,6 +1307,7 @@ mod tests {
             attempts: 3,
             last_status: Some(503),
             last_error: "HTTP 503 Service Unavailable".into(),
+            last_response_body: None,
         }
     }
 
@@ -1324,7 +1347,7 @@ mod tests {
         let a = store.put(letter("email:a")).unwrap();
         let b = store.put(letter("email:b")).unwrap();
         assert!(b.id > a.id);
-        assert!(store.update(b.id, 6, None, "timeout").unwrap());
+        assert!(store.update(b.id, 6, None, "timeout", None).unwrap());
         assert!(store.remove(a.id).unwrap());
         assert!(!store.remove(a.id).unwrap());
         drop(store);
