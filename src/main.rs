@@ -142,7 +142,8 @@ enum Command {
 #[derive(Subcommand)]
 enum DeadLetterAction {
     /// Print one JSON object a line: destination, profile, attempts, lastStatus, lastError,
-    /// payload, entry (the id), idempotencyKey, firstFailedAt, lastFailedAt (RFC 3339 UTC).
+    /// lastResponseBody (the first KiB of the endpoint's last answer), payload, entry (the id),
+    /// idempotencyKey, firstFailedAt, lastFailedAt (RFC 3339 UTC).
     /// Exits 2 when corrupt records had to be skipped (the others are still printed).
     List {
         #[arg(long)]
