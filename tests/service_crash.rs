@@ -19,8 +19,7 @@ mod support;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,12 +27,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
+use support::service::Service;
 use support::{Recorded, Reply, TestServer};
 
 /// Rounds that end in `kill -9`; a final run follows.
 const ROUNDS: usize = 4;
-/// How long a start (which replays the whole log) may take on a loaded machine.
-const START_WAIT: Duration = Duration::from_secs(60);
 /// How long the final run may take to deliver everything.
 const FINAL_WAIT: Duration = Duration::from_secs(120);
 /// The endpoint counts as quiet after this long without a request.
@@ -42,98 +40,6 @@ const QUIET: Duration = Duration::from_secs(2);
 /// acknowledgement may not have been `fsync`ed (group commit every 200 ms).
 const RESEND_WINDOW: Duration = Duration::from_millis(1500);
 const CLIENTS: usize = 2;
-
-/// A running `streamdest run`.
-struct Service {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Service {
-    fn start(config: &Path, data_dir: &Path, extra: &[&str]) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_streamdest"))
-            .args(["run", "--config"])
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env_remove("STREAMDEST_API_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start streamdest run");
-        let mut pipe = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-        {
-            let stderr = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut sent = false;
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut text = stderr.lock().unwrap();
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                    if !sent
-                        && let Some(rest) = text.split("listening on http://").nth(1)
-                        && let Some(addr) = rest.split_whitespace().next()
-                        && let Ok(addr) = addr.parse()
-                    {
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
-                }
-            });
-        }
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
-                return Service {
-                    child,
-                    addr,
-                    stderr,
-                };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "streamdest exited with {status} before listening:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "streamdest not listening after {START_WAIT:?}:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// `kill -9`; returns the instant the signal was sent.
-    fn kill9(mut self) -> Instant {
-        let _ = self.child.kill();
-        let at = Instant::now();
-        let _ = self.child.wait();
-        at
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What became of one `POST /v1/events`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,6 +4,8 @@
 //! Each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
