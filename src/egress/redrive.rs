@@ -3,14 +3,20 @@
 //! Redrive needs no configuration: each entry carries its destination's settings. Every entry
 //! gets one more round of its retry policy with the *same* `Idempotency-Key`. Delivered
 //! entries leave the store; the others stay with `attempts` added up and the new
-//! `lastStatus`/`lastError`/`lastResponseBody`. Entries of one (destination, profile) are re-sent one after
-//! another in their original order; different profiles concurrently, within each
-//! destination's `maxInFlight`. Entries with equal settings share one token cache.
+//! `lastStatus`/`lastError`/`lastResponseBody`.
+//!
+//! Order (SPEC §4, as in delivery): entries of one destination whose profiles share an
+//! identity — the same profile, or one renamed, merged or split — are re-sent one after
+//! another in their original order (by entry id), so a redrive never lets a profile's later
+//! export overtake an earlier one of its history; entries with nothing in common go
+//! concurrently, within each destination's `maxInFlight`. The identities are read from each
+//! payload's `identityMap` (the profile's name when it has none). Entries with equal settings
+//! share one token cache.
 //!
 //! Run one redrive at a time per store (the CLI holds the store's lock; the service runs
 //! them through [`Egress::redrive`](super::Egress::redrive)).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::service::{DestinationRuntime, ServiceOptions, deliver_round};
@@ -64,25 +70,21 @@ pub(crate) async fn redrive_with(
     };
     let mut runtimes: Vec<(DestinationSettings, Result<Arc<DestinationRuntime>, String>)> =
         Vec::new();
-    let mut groups: BTreeMap<(String, String), (Prepared, Vec<DeadLetter>)> = BTreeMap::new();
-    for entry in entries {
-        let rt = match runtimes.iter().find(|(s, _)| *s == entry.destination) {
+    let mut groups: Vec<(Prepared, Vec<DeadLetter>)> = Vec::new();
+    for chain in chains(entries) {
+        let Some(first) = chain.first() else { continue };
+        let rt = match runtimes.iter().find(|(s, _)| *s == first.destination) {
             Some((_, rt)) => rt.clone(),
             None => {
-                let rt = DestinationRuntime::new(entry.destination.clone(), options).map(Arc::new);
-                runtimes.push((entry.destination.clone(), rt.clone()));
+                let rt = DestinationRuntime::new(first.destination.clone(), options).map(Arc::new);
+                runtimes.push((first.destination.clone(), rt.clone()));
                 rt
             }
         };
-        let key = (entry.destination.id.clone(), entry.profile.clone());
-        groups
-            .entry(key)
-            .or_insert_with(|| (rt, Vec::new()))
-            .1
-            .push(entry);
+        groups.push((rt, chain));
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for (_, (rt, entries)) in groups {
+    for (rt, entries) in groups {
         let transport = transport.clone();
         let store = store.clone();
         tasks.spawn(async move {
@@ -218,4 +220,114 @@ pub fn summary_json(store: &DeadLetterStore) -> serde_json::Value {
         "destinations": destinations,
         "byStatus": by_status,
     })
+}
+
+/// The identities an entry's profile had when it was exported: `namespace:id` from its
+/// payload's `identityMap`, or its profile name.
+fn identities(entry: &DeadLetter) -> Vec<String> {
+    let payload: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap_or_default();
+    let mut out = Vec::new();
+    if let Some(map) = payload.get("identityMap").and_then(|m| m.as_object()) {
+        for (namespace, list) in map {
+            for id in list.as_array().into_iter().flatten() {
+                if let Some(id) = id.get("id").and_then(|v| v.as_str()) {
+                    out.push(format!("{namespace}:{id}"));
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(entry.profile.clone());
+    }
+    out
+}
+
+/// Splits `entries` into chains to re-send one after another: per destination, the entries
+/// connected by shared identities (union-find), each chain in entry-id order.
+fn chains(mut entries: Vec<DeadLetter>) -> Vec<Vec<DeadLetter>> {
+    entries.sort_by_key(|e| e.id);
+    let mut parent: Vec<usize> = (0..entries.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        for identity in identities(entry) {
+            match seen.entry((entry.destination.id.clone(), identity)) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let (a, b) = (root(&mut parent, *o.get()), root(&mut parent, i));
+                    parent[a.max(b)] = a.min(b);
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+    }
+    let mut by_root: BTreeMap<usize, Vec<DeadLetter>> = BTreeMap::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let r = root(&mut parent, i);
+        by_root.entry(r).or_default().push(entry);
+    }
+    by_root.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Destination, parse_json};
+
+    fn entry(id: u64, destination: &str, profile: &str, identities: &[(&str, &str)]) -> DeadLetter {
+        let d: Destination = parse_json(&format!(
+            r#"{{"id":"{destination}","name":"{destination}","endpoint":"http://127.0.0.1:9/x","audiences":[{{"id":"a"}}]}}"#
+        ))
+        .expect("a destination");
+        let mut map: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+        for (ns, v) in identities {
+            map.entry(ns)
+                .or_default()
+                .push(serde_json::json!({ "id": v }));
+        }
+        DeadLetter {
+            id,
+            destination: crate::egress::destination_settings(&d).expect("settings"),
+            profile: profile.into(),
+            epoch: id,
+            idempotency_key: format!("k{id}"),
+            payload: serde_json::to_vec(&serde_json::json!({ "identityMap": map }))
+                .expect("json")
+                .into(),
+            attempts: 1,
+            last_status: None,
+            last_error: String::new(),
+            last_response_body: None,
+            stored_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn chains_follow_shared_identities_per_destination_in_entry_order() {
+        let entries = vec![
+            // A merge: email:a's profile, then the profile named ecid:1 that holds email:a.
+            entry(5, "d", "ecid:1", &[("ecid", "1"), ("email", "a")]),
+            entry(2, "d", "email:a", &[("email", "a")]),
+            // Joined to them only through entry 7's identities (transitively).
+            entry(9, "d", "email:z", &[("email", "z")]),
+            entry(7, "d", "ecid:1", &[("ecid", "1"), ("email", "z")]),
+            // Unrelated, and the same identities at another destination: their own chains.
+            entry(3, "d", "email:b", &[("email", "b")]),
+            entry(4, "e", "email:a", &[("email", "a")]),
+        ];
+        let mut ids: Vec<Vec<u64>> = chains(entries)
+            .iter()
+            .map(|c| c.iter().map(|e| e.id).collect())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![vec![2, 5, 7, 9], vec![3], vec![4]]);
+    }
 }
