@@ -4,6 +4,10 @@
 //! *full jitter*: before retry `n` (1-based) the wait is uniform in
 //! `[0, min(cap, base · 2^(n-1))]`. A `Retry-After` header on a retryable response replaces
 //! the backoff, capped at [`RetryPolicy::retry_after_cap`] (one minute by default).
+//!
+//! Two halves, as Vector's `RetryLogic` beside its backoff policy: *what* to do with an
+//! attempt's result is [`RetryPolicy::classify`] (one pure function, see its table), *when*
+//! to retry is [`RetryPolicy::delay`] and `max_retries`.
 
 use std::time::{Duration, SystemTime};
 
@@ -89,6 +93,100 @@ impl RetryPolicy {
     /// [`Self::delay`] with a fresh random draw.
     pub fn random_delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
         self.delay(retry, retry_after, rand::random_range(0.0..1.0))
+    }
+}
+
+/// What an attempt came to, as far as retrying goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// The endpoint answered: its status, and its `Retry-After` when it gave a valid one.
+    Response {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// No response: timed out, or the connection (or TLS handshake) failed.
+    NoResponse,
+    /// The access token could not be had; `retryable` when the token endpoint may answer
+    /// later (see [`super::auth::AuthError::is_retryable`]).
+    TokenFailed { retryable: bool },
+    /// The request could not be built (a missing secret…): never sent.
+    Unsendable,
+}
+
+impl Observed {
+    /// The response's status, `None` without one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Observed::Response { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// What the round does after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Delivered.
+    Success,
+    /// A `401` to an OAuth2 token, the first this round: fetch a new token and try again at
+    /// once (not a retry).
+    RefreshToken,
+    /// Retry after the backoff, or after the server's `Retry-After` when given (while
+    /// retries are left).
+    Retry { retry_after: Option<Duration> },
+    /// Failed for good.
+    Final,
+}
+
+impl RetryPolicy {
+    /// The retry logic, one row per case:
+    ///
+    /// | attempt                                   | decision                          |
+    /// |-------------------------------------------|-----------------------------------|
+    /// | `2xx`                                     | [`Decision::Success`]             |
+    /// | `401`, OAuth2, first this round           | [`Decision::RefreshToken`]        |
+    /// | `401`, OAuth2, again                      | retry (no `Retry-After`) if `401` is in `retryOn`, else final |
+    /// | a `retryOn` status (`401` without OAuth2 included) | retry, honouring `Retry-After` |
+    /// | any other status                          | [`Decision::Final`]               |
+    /// | timeout, connection error                 | retry                             |
+    /// | token fetch failure                       | retry if retryable, else final    |
+    /// | request not buildable                     | final                             |
+    ///
+    /// `oauth2`: the destination authorizes with OAuth2; `refreshed_after_401`: this round
+    /// already fetched a new token after a `401`.
+    pub fn classify(
+        &self,
+        observed: &Observed,
+        oauth2: bool,
+        refreshed_after_401: bool,
+    ) -> Decision {
+        match *observed {
+            Observed::Response { status, .. } if (200..300).contains(&status) => Decision::Success,
+            Observed::Response { status: 401, .. } if oauth2 && !refreshed_after_401 => {
+                Decision::RefreshToken
+            }
+            Observed::Response { status: 401, .. } if oauth2 => {
+                if self.retries_status(401) {
+                    Decision::Retry { retry_after: None }
+                } else {
+                    Decision::Final
+                }
+            }
+            Observed::Response {
+                status,
+                retry_after,
+            } => {
+                if self.retries_status(status) {
+                    Decision::Retry { retry_after }
+                } else {
+                    Decision::Final
+                }
+            }
+            Observed::NoResponse | Observed::TokenFailed { retryable: true } => {
+                Decision::Retry { retry_after: None }
+            }
+            Observed::TokenFailed { retryable: false } | Observed::Unsendable => Decision::Final,
+        }
     }
 }
 
@@ -182,6 +280,214 @@ mod tests {
         }
         for s in [400, 401, 404, 501] {
             assert!(!p.retries_status(s));
+        }
+    }
+
+    /// One row per case of [`RetryPolicy::classify`], with the wait before the first retry
+    /// (jitter drawn as 0) for the retried ones.
+    #[test]
+    fn classify_one_row_each() {
+        use Decision::*;
+        let p = policy();
+        let mut with_401 = policy();
+        with_401.retry_on.push(401);
+        let secs = Duration::from_secs;
+        let response = |status: u16| Observed::Response {
+            status,
+            retry_after: None,
+        };
+        let after = |status: u16, d: Duration| Observed::Response {
+            status,
+            retry_after: Some(d),
+        };
+        // (row, policy, attempt, oauth2, refreshed after a 401, decision, first wait)
+        type Row<'a> = (
+            &'a str,
+            &'a RetryPolicy,
+            Observed,
+            bool,
+            bool,
+            Decision,
+            Option<Duration>,
+        );
+        let rows: Vec<Row> = vec![
+            ("200", &p, response(200), false, false, Success, None),
+            ("204", &p, response(204), true, true, Success, None),
+            (
+                "401 OAuth2 first",
+                &p,
+                response(401),
+                true,
+                false,
+                RefreshToken,
+                None,
+            ),
+            (
+                "401 OAuth2 again",
+                &p,
+                response(401),
+                true,
+                true,
+                Final,
+                None,
+            ),
+            (
+                "401 OAuth2 again, retryOn 401",
+                &with_401,
+                after(401, secs(3)),
+                true,
+                true,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            ("401 bearer", &p, response(401), false, false, Final, None),
+            (
+                "401 bearer, retryOn 401",
+                &with_401,
+                after(401, secs(3)),
+                false,
+                false,
+                Retry {
+                    retry_after: Some(secs(3)),
+                },
+                Some(secs(3)),
+            ),
+            (
+                "408",
+                &p,
+                response(408),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "429",
+                &p,
+                response(429),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "500",
+                &p,
+                response(500),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "502",
+                &p,
+                response(502),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "503",
+                &p,
+                response(503),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "504",
+                &p,
+                response(504),
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            ("400", &p, response(400), false, false, Final, None),
+            ("404", &p, response(404), true, false, Final, None),
+            ("501", &p, response(501), false, false, Final, None),
+            (
+                "non-retryOn with Retry-After",
+                &p,
+                after(400, secs(3)),
+                false,
+                false,
+                Final,
+                None,
+            ),
+            (
+                "429 Retry-After honoured",
+                &p,
+                after(429, secs(3)),
+                false,
+                false,
+                Retry {
+                    retry_after: Some(secs(3)),
+                },
+                Some(secs(3)),
+            ),
+            (
+                "503 Retry-After capped",
+                &p,
+                after(503, secs(3600)),
+                false,
+                false,
+                Retry {
+                    retry_after: Some(secs(3600)),
+                },
+                Some(secs(60)),
+            ),
+            (
+                "timeout or connection error",
+                &p,
+                Observed::NoResponse,
+                false,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "token fetch failure, retryable",
+                &p,
+                Observed::TokenFailed { retryable: true },
+                true,
+                false,
+                Retry { retry_after: None },
+                Some(Duration::ZERO),
+            ),
+            (
+                "token fetch failure, final",
+                &p,
+                Observed::TokenFailed { retryable: false },
+                true,
+                false,
+                Final,
+                None,
+            ),
+            (
+                "request not buildable",
+                &p,
+                Observed::Unsendable,
+                false,
+                false,
+                Final,
+                None,
+            ),
+        ];
+        for (row, policy, observed, oauth2, refreshed, decision, wait) in rows {
+            assert_eq!(
+                policy.classify(&observed, oauth2, refreshed),
+                decision,
+                "{row}"
+            );
+            let first_wait = match decision {
+                Retry { retry_after } => Some(policy.delay(1, retry_after, 0.0)),
+                _ => None,
+            };
+            assert_eq!(first_wait, wait, "{row}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! The delivery service: one round of the retry policy for one export (SPEC §4).
 //!
 //! An *attempt* is: get the `Authorization` (maybe fetching a token), take one of the
-//! destination's `maxInFlight` slots, send with the `timeoutMs` deadline, classify:
+//! destination's `maxInFlight` slots, send with the `timeoutMs` deadline; then
+//! [`RetryPolicy::classify`] says what follows (its table, in short):
 //!
 //! | result                                   | then                                        |
 //! |------------------------------------------|---------------------------------------------|
@@ -25,7 +26,7 @@ use tokio::sync::Semaphore;
 
 use super::auth::Authorizer;
 use super::request::RequestTemplate;
-use super::retry::{RetryPolicy, parse_retry_after};
+use super::retry::{Decision, Observed, RetryPolicy, parse_retry_after};
 use super::transport::Transport;
 use crate::storage::DestinationSettings;
 
@@ -302,25 +303,26 @@ pub fn kept_body(body: &[u8]) -> Option<String> {
     Some(text)
 }
 
-enum Attempt {
-    Success(u16),
-    /// `401` to an OAuth2 token of this generation.
-    Unauthorized {
-        generation: u64,
-        body: Option<String>,
-    },
-    Retryable {
-        status: Option<u16>,
-        error: String,
-        retry_after: Option<Duration>,
-        /// The response's body (see [`kept_body`]); `None` without a response.
-        body: Option<String>,
-    },
-    Final {
-        status: Option<u16>,
-        error: String,
-        body: Option<String>,
-    },
+/// One attempt: what it came to (for [`RetryPolicy::classify`]), why it failed, and the
+/// response's body (see [`kept_body`]; `None` without a response or when delivered).
+struct Attempt {
+    observed: Observed,
+    /// Empty when delivered. Never contains a secret.
+    error: String,
+    body: Option<String>,
+    /// The OAuth2 token generation the request carried, to refresh after a `401`.
+    generation: Option<u64>,
+}
+
+impl Attempt {
+    fn unsent(observed: Observed, error: String) -> Self {
+        Attempt {
+            observed,
+            error,
+            body: None,
+            generation: None,
+        }
+    }
 }
 
 fn status_text(status: StatusCode) -> String {
@@ -354,58 +356,49 @@ pub async fn deliver_round(
     let mut retries = 0u32;
     let mut refresh_for: Option<u64> = None;
     let mut refreshed_after_401 = false;
+    let oauth2 = rt.authorizer.is_oauth2();
     loop {
         attempts += 1;
         if attempts > 1 {
             rt.counters.retried.fetch_add(1, Ordering::Relaxed);
         }
-        let attempt = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
-        let (status, error, retry_after, body) = match attempt {
-            Attempt::Success(status) => {
+        let Attempt {
+            observed,
+            error,
+            body,
+            generation,
+        } = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
+        let status = observed.status();
+        // What: the retry logic. When: the backoff policy and the retries left.
+        let retry_after = match rt.policy.classify(&observed, oauth2, refreshed_after_401) {
+            Decision::Success => {
                 tracing::debug!(
                     destination = rt.id(),
                     idempotency_key,
-                    status,
+                    status = %status_field(status),
                     attempts,
                     "delivered"
                 );
                 return RoundResult {
                     delivered: true,
                     attempts,
-                    last_status: Some(status),
+                    last_status: status,
                     last_error: String::new(),
                     last_body: None,
                 };
             }
-            Attempt::Unauthorized { generation, .. } if !refreshed_after_401 => {
+            Decision::RefreshToken => {
                 tracing::debug!(
                     destination = rt.id(),
                     attempts,
                     "401 from the endpoint; refreshing the access token"
                 );
                 refreshed_after_401 = true;
-                refresh_for = Some(generation);
+                refresh_for = generation;
                 continue;
             }
-            Attempt::Unauthorized { body, .. } => {
-                let status = StatusCode::UNAUTHORIZED;
-                if rt.policy.retries_status(401) {
-                    (Some(401), status_text(status), None, body)
-                } else {
-                    return failed(rt, attempts, Some(401), status_text(status), body);
-                }
-            }
-            Attempt::Final {
-                status,
-                error,
-                body,
-            } => return failed(rt, attempts, status, error, body),
-            Attempt::Retryable {
-                status,
-                error,
-                retry_after,
-                body,
-            } => (status, error, retry_after, body),
+            Decision::Final => return failed(rt, attempts, status, error, body),
+            Decision::Retry { retry_after } => retry_after,
         };
         if retries >= rt.policy.max_retries {
             return failed(rt, attempts, status, error, body);
@@ -452,20 +445,9 @@ async fn attempt(
     };
     let credential = match credential {
         Ok(c) => c,
-        Err(e) if e.is_retryable() => {
-            return Attempt::Retryable {
-                status: None,
-                error: e.to_string(),
-                retry_after: None,
-                body: None,
-            };
-        }
         Err(e) => {
-            return Attempt::Final {
-                status: None,
-                error: e.to_string(),
-                body: None,
-            };
+            let retryable = e.is_retryable();
+            return Attempt::unsent(Observed::TokenFailed { retryable }, e.to_string());
         }
     };
     let request = match rt
@@ -473,13 +455,7 @@ async fn attempt(
         .build(idempotency_key, payload, credential.header.as_ref())
     {
         Ok(r) => r,
-        Err(e) => {
-            return Attempt::Final {
-                status: None,
-                error: e,
-                body: None,
-            };
-        }
+        Err(e) => return Attempt::unsent(Observed::Unsendable, e),
     };
     let exchange = {
         // The semaphore is never closed; a closed one would mean "no limit" rather than a hang.
@@ -491,14 +467,7 @@ async fn attempt(
     };
     let exchange = match exchange {
         Ok(x) => x,
-        Err(e) => {
-            return Attempt::Retryable {
-                status: None,
-                error: e.to_string(),
-                retry_after: None,
-                body: None,
-            };
-        }
+        Err(e) => return Attempt::unsent(Observed::NoResponse, e.to_string()),
     };
     let status = exchange.response.status();
     tracing::trace!(
@@ -507,34 +476,29 @@ async fn attempt(
         "endpoint answered"
     );
     if status.is_success() {
-        return Attempt::Success(status.as_u16());
-    }
-    if status == StatusCode::UNAUTHORIZED && rt.authorizer.is_oauth2() {
-        return Attempt::Unauthorized {
-            generation: credential.generation,
-            body: kept_body(&exchange.body),
+        return Attempt {
+            observed: Observed::Response {
+                status: status.as_u16(),
+                retry_after: None,
+            },
+            error: String::new(),
+            body: None,
+            generation: Some(credential.generation),
         };
     }
-    let code = status.as_u16();
-    let body = kept_body(&exchange.body);
-    if rt.policy.retries_status(code) {
-        let retry_after = exchange
-            .response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        Attempt::Retryable {
-            status: Some(code),
-            error: status_text(status),
+    let retry_after = exchange
+        .response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    Attempt {
+        observed: Observed::Response {
+            status: status.as_u16(),
             retry_after,
-            body,
-        }
-    } else {
-        Attempt::Final {
-            status: Some(code),
-            error: status_text(status),
-            body,
-        }
+        },
+        error: status_text(status),
+        body: kept_body(&exchange.body),
+        generation: Some(credential.generation),
     }
 }
 
