@@ -12,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
+use super::error::last_error_text;
 use super::ordering::OrderTable;
 use super::redrive::{self, RedriveReport};
 use super::service::{self, DestinationRuntime, RoundResult, ServiceOptions};
@@ -517,7 +518,7 @@ async fn deliver_one(shared: &Shared, rt: &DestinationRuntime, queued: Queued) {
         Outcome::DeadLettered {
             attempts: round.attempts,
             last_status: round.last_status,
-            last_error: round.last_error,
+            last_error: last_error_text(round.last_error.as_ref()),
             entry,
         }
     };
@@ -555,7 +556,7 @@ async fn store_dead_letter(
         payload: export.payload.clone(),
         attempts: round.attempts,
         last_status: round.last_status,
-        last_error: round.last_error.clone(),
+        last_error: last_error_text(round.last_error.as_ref()),
         last_response_body: round.last_body.clone(),
     };
     let (reply, stored) = oneshot::channel();

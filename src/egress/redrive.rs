@@ -134,7 +134,7 @@ async fn redrive_entry(
                 round.delivered,
                 entry.attempts.saturating_add(round.attempts),
                 round.last_status,
-                round.last_error,
+                super::error::last_error_text(round.last_error.as_ref()),
                 round.last_body,
             )
         }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
 
+use super::error::DeliveryError;
 use super::transport::Body;
 
 /// The `Idempotency-Key` header.
@@ -59,9 +60,9 @@ impl RequestTemplate {
         idempotency_key: &str,
         payload: &Bytes,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Request<Body>, String> {
+    ) -> Result<Request<Body>, DeliveryError> {
         let key = HeaderValue::from_str(idempotency_key)
-            .map_err(|_| "idempotency key is not a valid header value".to_string())?;
+            .map_err(|_| DeliveryError::InvalidIdempotencyKey)?;
         let mut request = Request::new(Body::new(payload.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();

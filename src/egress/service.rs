@@ -20,14 +20,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use hyper::StatusCode;
 use hyper::header::RETRY_AFTER;
 use tokio::sync::Semaphore;
 
 use super::auth::Authorizer;
+use super::error::{DeliveryError, last_error_text};
 use super::request::RequestTemplate;
 use super::retry::{Decision, Observed, RetryPolicy, parse_retry_after};
-use super::transport::Transport;
+use super::transport::{Transport, TransportError};
 use crate::storage::DestinationSettings;
 
 /// Tunables shared by every destination of an egress (and by redrive).
@@ -128,20 +128,22 @@ struct RetryLog {
 
 /// What made an attempt fail and be retried, for counting: the status class of a response
 /// (`HTTP 503`…), a timeout, a failed token fetch, or a connection error.
-pub fn retry_cause(status: Option<u16>, error: &str) -> &'static str {
-    match status {
-        Some(408) => "HTTP 408",
-        Some(429) => "HTTP 429",
-        Some(500) => "HTTP 500",
-        Some(502) => "HTTP 502",
-        Some(503) => "HTTP 503",
-        Some(504) => "HTTP 504",
-        Some(401) => "HTTP 401",
-        Some(s) if s >= 500 => "HTTP 5xx (other)",
-        Some(_) => "HTTP 4xx (other)",
-        None if error.starts_with("timed out") => "timeout",
-        None if error.contains("token") => "token fetch",
-        None => "connection error",
+pub fn retry_cause(error: &DeliveryError) -> &'static str {
+    match error {
+        DeliveryError::Status(408) => "HTTP 408",
+        DeliveryError::Status(429) => "HTTP 429",
+        DeliveryError::Status(500) => "HTTP 500",
+        DeliveryError::Status(502) => "HTTP 502",
+        DeliveryError::Status(503) => "HTTP 503",
+        DeliveryError::Status(504) => "HTTP 504",
+        DeliveryError::Status(401) => "HTTP 401",
+        DeliveryError::Status(s) if *s >= 500 => "HTTP 5xx (other)",
+        DeliveryError::Status(_) => "HTTP 4xx (other)",
+        DeliveryError::Transport(TransportError::Timeout(_)) => "timeout",
+        DeliveryError::Auth(_) => "token fetch",
+        DeliveryError::Transport(_)
+        | DeliveryError::InvalidIdempotencyKey
+        | DeliveryError::Tls(_) => "connection error",
     }
 }
 
@@ -255,7 +257,7 @@ impl DestinationRuntime {
             entry = %entry,
             attempts = round.attempts,
             last_status = %status_field(round.last_status),
-            last_error = %round.last_error,
+            last_error = %last_error_text(round.last_error.as_ref()),
             failed_since_last_report = failed,
             dead_lettered_total = self.counters.dead_lettered.load(Ordering::Relaxed),
             retried_total = self.counters.retried.load(Ordering::Relaxed),
@@ -272,8 +274,8 @@ pub struct RoundResult {
     pub attempts: u32,
     /// The last response's status; `None` when the last attempt got no response.
     pub last_status: Option<u16>,
-    /// Empty when delivered. Never contains a secret.
-    pub last_error: String,
+    /// `None` when delivered. Its text (`lastError`) never contains a secret.
+    pub last_error: Option<DeliveryError>,
     /// The first [`MAX_KEPT_BODY`] bytes (lossy UTF-8) of the last attempt's response body;
     /// `None` when delivered, when the last attempt got no response, or when its body was
     /// empty (or larger than `max_response_body`, or not read in time).
@@ -307,28 +309,21 @@ pub fn kept_body(body: &[u8]) -> Option<String> {
 /// response's body (see [`kept_body`]; `None` without a response or when delivered).
 struct Attempt {
     observed: Observed,
-    /// Empty when delivered. Never contains a secret.
-    error: String,
+    /// `None` when delivered.
+    error: Option<DeliveryError>,
     body: Option<String>,
     /// The OAuth2 token generation the request carried, to refresh after a `401`.
     generation: Option<u64>,
 }
 
 impl Attempt {
-    fn unsent(observed: Observed, error: String) -> Self {
+    fn unsent(observed: Observed, error: DeliveryError) -> Self {
         Attempt {
             observed,
-            error,
+            error: Some(error),
             body: None,
             generation: None,
         }
-    }
-}
-
-fn status_text(status: StatusCode) -> String {
-    match status.canonical_reason() {
-        Some(reason) => format!("HTTP {} {reason}", status.as_u16()),
-        None => format!("HTTP {}", status.as_u16()),
     }
 }
 
@@ -349,7 +344,7 @@ pub async fn deliver_round(
                 own = t;
                 &own
             }
-            Err(error) => return failed(rt, 1, None, error, None),
+            Err(error) => return failed(rt, 1, DeliveryError::Tls(error), None),
         },
     };
     let mut attempts = 0u32;
@@ -370,8 +365,12 @@ pub async fn deliver_round(
         } = attempt(rt, transport, idempotency_key, payload, refresh_for.take()).await;
         let status = observed.status();
         // What: the retry logic. When: the backoff policy and the retries left.
-        let retry_after = match rt.policy.classify(&observed, oauth2, refreshed_after_401) {
-            Decision::Success => {
+        let (retry_after, error) = match (
+            rt.policy.classify(&observed, oauth2, refreshed_after_401),
+            error,
+        ) {
+            // An attempt without an error is a 2xx.
+            (Decision::Success, _) | (_, None) => {
                 tracing::debug!(
                     destination = rt.id(),
                     idempotency_key,
@@ -383,11 +382,11 @@ pub async fn deliver_round(
                     delivered: true,
                     attempts,
                     last_status: status,
-                    last_error: String::new(),
+                    last_error: None,
                     last_body: None,
                 };
             }
-            Decision::RefreshToken => {
+            (Decision::RefreshToken, _) => {
                 tracing::debug!(
                     destination = rt.id(),
                     attempts,
@@ -397,14 +396,14 @@ pub async fn deliver_round(
                 refresh_for = generation;
                 continue;
             }
-            Decision::Final => return failed(rt, attempts, status, error, body),
-            Decision::Retry { retry_after } => retry_after,
+            (Decision::Final, Some(error)) => return failed(rt, attempts, error, body),
+            (Decision::Retry { retry_after }, Some(error)) => (retry_after, error),
         };
         if retries >= rt.policy.max_retries {
-            return failed(rt, attempts, status, error, body);
+            return failed(rt, attempts, error, body);
         }
         retries += 1;
-        rt.count_retry(retry_cause(status, &error));
+        rt.count_retry(retry_cause(&error));
         let delay = rt.policy.random_delay(retries, retry_after);
         tracing::debug!(destination = rt.id(), idempotency_key, status = %status_field(status), %error, attempts, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
         tokio::time::sleep(delay).await;
@@ -414,16 +413,16 @@ pub async fn deliver_round(
 fn failed(
     rt: &DestinationRuntime,
     attempts: u32,
-    status: Option<u16>,
-    error: String,
+    error: DeliveryError,
     body: Option<String>,
 ) -> RoundResult {
+    let status = error.status();
     tracing::debug!(destination = rt.id(), status = %status_field(status), %error, attempts, "delivery failed");
     RoundResult {
         delivered: false,
         attempts,
         last_status: status,
-        last_error: error,
+        last_error: Some(error),
         last_body: body,
     }
 }
@@ -447,7 +446,7 @@ async fn attempt(
         Ok(c) => c,
         Err(e) => {
             let retryable = e.is_retryable();
-            return Attempt::unsent(Observed::TokenFailed { retryable }, e.to_string());
+            return Attempt::unsent(Observed::TokenFailed { retryable }, e.into());
         }
     };
     let request = match rt
@@ -467,7 +466,7 @@ async fn attempt(
     };
     let exchange = match exchange {
         Ok(x) => x,
-        Err(e) => return Attempt::unsent(Observed::NoResponse, e.to_string()),
+        Err(e) => return Attempt::unsent(Observed::NoResponse, e.into()),
     };
     let status = exchange.response.status();
     tracing::trace!(
@@ -481,7 +480,7 @@ async fn attempt(
                 status: status.as_u16(),
                 retry_after: None,
             },
-            error: String::new(),
+            error: None,
             body: None,
             generation: Some(credential.generation),
         };
@@ -496,7 +495,7 @@ async fn attempt(
             status: status.as_u16(),
             retry_after,
         },
-        error: status_text(status),
+        error: Some(DeliveryError::Status(status.as_u16())),
         body: kept_body(&exchange.body),
         generation: Some(credential.generation),
     }
@@ -504,7 +503,12 @@ async fn attempt(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::{MAX_KEPT_BODY, kept_body, retry_cause};
+    use crate::egress::auth::AuthError;
+    use crate::egress::error::DeliveryError;
+    use crate::egress::transport::TransportError;
 
     #[test]
     fn kept_body_is_cut_on_a_char_boundary() {
@@ -536,21 +540,30 @@ mod tests {
 
     #[test]
     fn retry_causes_one_row_each() {
-        let rows: &[(Option<u16>, &str, &str)] = &[
-            (Some(503), "HTTP 503 Service Unavailable", "HTTP 503"),
-            (Some(429), "HTTP 429 Too Many Requests", "HTTP 429"),
-            (Some(507), "HTTP 507", "HTTP 5xx (other)"),
-            (Some(418), "HTTP 418", "HTTP 4xx (other)"),
-            (None, "timed out after 2000 ms", "timeout"),
-            (None, "access token request failed: HTTP 500", "token fetch"),
+        let rows: Vec<(DeliveryError, &str)> = vec![
+            (DeliveryError::Status(503), "HTTP 503"),
+            (DeliveryError::Status(429), "HTTP 429"),
+            (DeliveryError::Status(507), "HTTP 5xx (other)"),
+            (DeliveryError::Status(418), "HTTP 4xx (other)"),
             (
-                None,
-                "connection error: tcp connect error",
+                TransportError::Timeout(Duration::from_millis(2000)).into(),
+                "timeout",
+            ),
+            (
+                AuthError::TokenFetch("HTTP 500".into()).into(),
+                "token fetch",
+            ),
+            (
+                TransportError::Connect("tcp connect error".into()).into(),
+                "connection error",
+            ),
+            (
+                TransportError::Tls("TLS: untrusted".into()).into(),
                 "connection error",
             ),
         ];
-        for (status, error, cause) in rows {
-            assert_eq!(retry_cause(*status, error), *cause, "{status:?} {error}");
+        for (error, cause) in rows {
+            assert_eq!(retry_cause(&error), cause, "{error}");
         }
     }
 }
