@@ -730,3 +730,65 @@ async fn a_full_log_budget_answers_503_and_a_tiny_one_is_refused() {
     assert_eq!(svc.json("GET", "/v1/audiences/x", &Value::Null).0, 404);
     assert_eq!(svc.request("GET", "/healthz", &[], "").0, 200);
 }
+
+/// Dead letters through the API: a failing endpoint's export is listed (with the endpoint's
+/// answer); after the destination is fixed with a PUT, a redrive sends it to the fixed endpoint
+/// with its key and the list empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_and_redrive_to_the_fixed_destination() {
+    let broken = TestServer::always(Reply::Full(
+        400,
+        vec![("Content-Type".into(), "application/json".into())],
+        r#"{"error":"field x is missing"}"#.into(),
+    ))
+    .await;
+    let fixed = TestServer::always(Reply::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &config(&broken.url("")));
+    let svc = Service::start(&cfg, &dir.path().join("data"), &[]);
+    assert_eq!(svc.post_events(&[person("a", "John")]), 202);
+    let failed = wait_for(&broken, 1);
+    let deadline = Instant::now() + WAIT;
+    let listed = loop {
+        let (status, body) = svc.json("GET", "/v1/destinations/d1/dead-letters", &Value::Null);
+        assert_eq!(status, 200, "{body}");
+        if body.as_array().is_some_and(|a| !a.is_empty()) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(listed[0]["lastStatus"], 400, "{listed}");
+    assert_eq!(
+        listed[0]["lastResponseBody"],
+        r#"{"error":"field x is missing"}"#
+    );
+    assert_eq!(
+        listed[0]["idempotencyKey"].as_str(),
+        failed[0].header("idempotency-key").as_deref()
+    );
+
+    let mut d = config(&fixed.url(""))["destinations"][0].clone();
+    d.as_object_mut().map(|o| o.remove("id"));
+    assert_eq!(svc.json("PUT", "/v1/destinations/d1", &d).0, 200);
+    let (status, report) = svc.json(
+        "POST",
+        "/v1/destinations/d1/dead-letters/redrive",
+        &Value::Null,
+    );
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["succeeded"], 1, "{report}");
+    let got = wait_for(&fixed, 1);
+    assert_eq!(
+        got[0].header("idempotency-key"),
+        failed[0].header("idempotency-key")
+    );
+    assert_eq!(email_of(&got[0]), "a@x");
+    let (_, body) = svc.json("GET", "/v1/destinations/d1/dead-letters", &Value::Null);
+    assert_eq!(body, json!([]));
+    assert_eq!(
+        svc.json("GET", "/v1/destinations/nope/dead-letters", &Value::Null)
+            .0,
+        404
+    );
+}

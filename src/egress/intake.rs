@@ -424,15 +424,39 @@ impl Egress {
         )
     }
 
-    /// Redrives the dead letters (of one destination or all) through this egress's transport.
+    /// Redrives the dead letters (of one destination or all) through this egress's transport;
+    /// an entry whose destination is configured here is re-sent with its current settings
+    /// (fixed since the failure, it is used as fixed), the others with their stored ones.
     pub async fn redrive(&self, destination: Option<&str>) -> Option<RedriveReport> {
+        self.redrive_as(destination, None).await
+    }
+
+    /// [`Self::redrive`], with `current` taken as the destination's configuration (the
+    /// service passes the one last accepted, which this egress may not have applied yet).
+    /// An invalid `current` is ignored.
+    pub async fn redrive_as(
+        &self,
+        destination: Option<&str>,
+        current: Option<&Destination>,
+    ) -> Option<RedriveReport> {
         let store = self.shared.dead_letters.clone()?;
+        let mut runtimes = self.read_destinations().clone();
+        if let Some(d) = current
+            && let Ok(mut rt) =
+                build_runtime(d, &self.shared.transport, &self.shared.options.service)
+        {
+            if let Some(old) = runtimes.get(&d.id) {
+                rt.counters = old.counters.clone();
+            }
+            runtimes.insert(d.id.clone(), Arc::new(rt));
+        }
         Some(
             redrive::redrive_with(
                 &self.shared.transport,
                 store,
                 &crate::storage::deadletter::DeadLetterFilter::destination(destination),
                 &self.shared.options.service,
+                &runtimes,
             )
             .await,
         )

@@ -48,14 +48,27 @@ pub async fn redrive_matching(
     store: Arc<DeadLetterStore>,
     filter: &DeadLetterFilter,
 ) -> RedriveReport {
-    redrive_with(&Transport::new(), store, filter, &ServiceOptions::default()).await
+    let current = HashMap::new();
+    redrive_with(
+        &Transport::new(),
+        store,
+        filter,
+        &ServiceOptions::default(),
+        &current,
+    )
+    .await
 }
 
+/// `current`: destinations as they are configured now (the service), by id. An entry whose
+/// destination is among them is re-sent with the current settings (a destination fixed since
+/// the failure is used as fixed, and the redrive counts in its metrics); the others with the
+/// settings stored with them.
 pub(crate) async fn redrive_with(
     transport: &Transport,
     store: Arc<DeadLetterStore>,
     filter: &DeadLetterFilter,
     options: &ServiceOptions,
+    current: &HashMap<String, Arc<DestinationRuntime>>,
 ) -> RedriveReport {
     let entries = {
         let store = store.clone();
@@ -73,6 +86,10 @@ pub(crate) async fn redrive_with(
     let mut groups: Vec<(Prepared, Vec<DeadLetter>)> = Vec::new();
     for chain in chains(entries) {
         let Some(first) = chain.first() else { continue };
+        if let Some(rt) = current.get(&first.destination.id) {
+            groups.push((Ok(rt.clone()), chain));
+            continue;
+        }
         let rt = match runtimes.iter().find(|(s, _)| *s == first.destination) {
             Some((_, rt)) => rt.clone(),
             None => {

@@ -186,7 +186,14 @@ impl Backend for Service {
         let destination = destination.to_owned();
         Box::pin(async move {
             self.known_destination(&destination)?;
-            let report = self.egress.redrive(Some(&destination)).await;
+            // The destination as last accepted: a PUT that fixed it counts at once.
+            let current = self
+                .sequencer
+                .with_control(|c| c.config().destination(&destination).cloned());
+            let report = self
+                .egress
+                .redrive_as(Some(&destination), current.as_ref())
+                .await;
             Ok(match report {
                 Some(r) => json!({"succeeded": r.succeeded, "failed": r.failed}),
                 None => json!({"succeeded": 0, "failed": 0}),
