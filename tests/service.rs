@@ -594,12 +594,18 @@ fn without_times(exports: impl Iterator<Item = (String, Value)>) -> BTreeMap<Str
 /// in many epochs, with merges, splits and deletes along the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_matches_a_one_epoch_replay_of_the_same_history() {
+    for seed in [7, 11, 23] {
+        backfill_matches_replay(seed).await;
+    }
+}
+
+async fn backfill_matches_replay(seed: u64) {
     let endpoint = TestServer::always(Reply::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut base = config(&endpoint.url(""));
     base["destinations"] = json!([]);
     let cfg = write_config(dir.path(), &base);
-    let history = random_history(7, 40, 400);
+    let history = random_history(seed, 40, 400);
     let svc = Service::start(&cfg, &dir.path().join("data"), &["--workers", "2"]);
     for chunk in history.chunks(7) {
         assert_eq!(svc.post_events(chunk), 202);
@@ -659,8 +665,12 @@ async fn backfill_matches_a_one_epoch_replay_of_the_same_history() {
             v["payload"].clone(),
         )
     }));
-    assert_eq!(service.len(), backfill.len(), "one export per profile");
-    assert_eq!(service, replayed);
+    assert_eq!(
+        service.len(),
+        backfill.len(),
+        "seed {seed}: one export per profile"
+    );
+    assert_eq!(service, replayed, "seed {seed}");
     // The history is not trivial: merged profiles and upload members are among them.
     let merged = backfill
         .iter()
