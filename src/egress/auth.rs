@@ -33,6 +33,7 @@ use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Uri};
 use tokio::time::Instant;
 
+use super::error::SettingsError;
 use super::transport::{Body, Transport};
 use crate::config::{Auth, ClientCredentialsType};
 use crate::secret::{MissingSecret, Secret};
@@ -111,7 +112,7 @@ pub enum Authorizer {
 
 impl Authorizer {
     /// From a destination's auth settings. `token_url` is validated here.
-    pub fn new(auth: &Auth) -> Result<Self, String> {
+    pub fn new(auth: &Auth) -> Result<Self, SettingsError> {
         Ok(match auth {
             Auth::None => Authorizer::None,
             Auth::Bearer { token } => Authorizer::Bearer(token.clone()),
@@ -251,12 +252,12 @@ enum FetchKind<'a> {
 }
 
 impl TokenCache {
-    fn new(access_token_url: &str, grant: Grant) -> Result<Self, String> {
+    fn new(access_token_url: &str, grant: Grant) -> Result<Self, SettingsError> {
         let token_url: Uri = access_token_url
             .parse()
-            .map_err(|_| "accessTokenUrl is not a valid URL".to_string())?;
+            .map_err(|_| SettingsError::InvalidTokenUrl)?;
         if !matches!(token_url.scheme_str(), Some("http" | "https")) || token_url.host().is_none() {
-            return Err("accessTokenUrl must be an absolute http or https URL".into());
+            return Err(SettingsError::TokenUrlNotHttp);
         }
         Ok(TokenCache {
             token_url,

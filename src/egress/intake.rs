@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use super::error::last_error_text;
+use super::error::{SettingsError, last_error_text};
 use super::ordering::OrderTable;
 use super::redrive::{self, RedriveReport};
 use super::service::{self, DestinationRuntime, RoundResult, ServiceOptions};
@@ -106,7 +106,7 @@ pub enum EgressError {
     InvalidDestination {
         index: usize,
         id: String,
-        reason: String,
+        reason: SettingsError,
     },
     #[error("destination {0:?} is configured twice")]
     DuplicateDestination(String),
@@ -481,7 +481,7 @@ fn build_runtime(
     destination: &Destination,
     transport: &Transport,
     options: &ServiceOptions,
-) -> Result<DestinationRuntime, String> {
+) -> Result<DestinationRuntime, SettingsError> {
     let settings = destination_settings(destination)?;
     let rt = DestinationRuntime::new(settings, options)?;
     if rt.settings.tls.is_some() {

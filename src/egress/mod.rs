@@ -27,8 +27,9 @@
 //! 5. **Redrive** — [`redrive()`] / [`Egress::redrive`] and [`list_json_lines`] for the
 //!    `dead-letters` command and API.
 //!
-//! Why a delivery failed is a typed [`DeliveryError`] ([`error`]), turned into text only
-//! where `lastError` is stored or printed.
+//! Why a delivery failed is a typed [`DeliveryError`], why a destination's settings were
+//! refused a typed [`SettingsError`] ([`error`]); each is turned into text only where
+//! `lastError` is stored or printed, or a configuration error is reported.
 //!
 //! Secrets never reach logs, errors, `Debug` output or metrics: they stay in
 //! [`Secret`](crate::secret::Secret)s and sensitive header values until the request is sent.
@@ -45,7 +46,7 @@ pub mod settings;
 pub mod stats;
 pub mod transport;
 
-pub use error::DeliveryError;
+pub use error::{DeliveryError, SettingsError};
 pub use intake::{Egress, EgressError, EgressOptions, Export, Outcome, OutcomeCallback, Unstored};
 pub use redrive::{
     RedriveReport, list_json, list_json_lines, redrive, redrive_matching, summary_json,

@@ -19,13 +19,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::error::SettingsError;
 use super::service::{DestinationRuntime, ServiceOptions, deliver_round};
 use super::transport::Transport;
 use crate::storage::deadletter::DeadLetterFilter;
 use crate::storage::{DeadLetter, DeadLetterStore, DestinationSettings};
 
 /// A destination ready to re-send to, or why its stored settings do not validate.
-type Prepared = Result<Arc<DestinationRuntime>, String>;
+type Prepared = Result<Arc<DestinationRuntime>, SettingsError>;
 
 /// What a redrive did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,8 +82,7 @@ pub(crate) async fn redrive_with(
             }
         }
     };
-    let mut runtimes: Vec<(DestinationSettings, Result<Arc<DestinationRuntime>, String>)> =
-        Vec::new();
+    let mut runtimes: Vec<(DestinationSettings, Prepared)> = Vec::new();
     let mut groups: Vec<(Prepared, Vec<DeadLetter>)> = Vec::new();
     for chain in chains(entries) {
         let Some(first) = chain.first() else { continue };

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
 
-use super::error::DeliveryError;
+use super::error::{DeliveryError, SettingsError};
 use super::transport::Body;
 
 /// The `Idempotency-Key` header.
@@ -26,19 +26,17 @@ pub struct RequestTemplate {
 impl RequestTemplate {
     /// Validates the URL (absolute `http`/`https`) and the headers. Errors never quote header
     /// values (they may hold credentials); they name the header.
-    pub fn new(request_url: &str, headers: &[(String, String)]) -> Result<Self, String> {
-        let uri: Uri = request_url
-            .parse()
-            .map_err(|_| "endpoint is not a valid URL".to_string())?;
+    pub fn new(request_url: &str, headers: &[(String, String)]) -> Result<Self, SettingsError> {
+        let uri: Uri = request_url.parse().map_err(|_| SettingsError::InvalidUrl)?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err("endpoint must be an absolute http or https URL".into());
+            return Err(SettingsError::NotHttpUrl);
         }
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             let header_name = HeaderName::from_bytes(name.trim().as_bytes())
-                .map_err(|_| format!("header {name:?}: not a valid header name"))?;
+                .map_err(|_| SettingsError::InvalidHeaderName(name.clone()))?;
             let mut header_value = HeaderValue::from_str(value.trim())
-                .map_err(|_| format!("header {name:?}: value is not a valid header value"))?;
+                .map_err(|_| SettingsError::InvalidHeaderValue(name.clone()))?;
             if header_name == AUTHORIZATION {
                 header_value.set_sensitive(true);
             }
@@ -107,7 +105,8 @@ mod tests {
         assert!(RequestTemplate::new("ftp://h/x", &[]).is_err());
         assert!(RequestTemplate::new("/relative", &[]).is_err());
         let e = RequestTemplate::new("http://h/", &[("x".into(), "sec\nret".into())]).unwrap_err();
-        assert!(!e.contains("sec"), "{e}");
+        assert_eq!(e, SettingsError::InvalidHeaderValue("x".into()));
+        assert!(!e.to_string().contains("sec"), "{e}");
         assert!(RequestTemplate::new("http://h/", &[("bad name".into(), "v".into())]).is_err());
         let t = RequestTemplate::new(
             "http://h/",

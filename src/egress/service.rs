@@ -24,7 +24,7 @@ use hyper::header::RETRY_AFTER;
 use tokio::sync::Semaphore;
 
 use super::auth::Authorizer;
-use super::error::{DeliveryError, last_error_text};
+use super::error::{DeliveryError, SettingsError, last_error_text};
 use super::request::RequestTemplate;
 use super::retry::{Decision, Observed, RetryPolicy, parse_retry_after};
 use super::transport::{Transport, TransportError};
@@ -166,11 +166,15 @@ pub fn status_field(status: Option<u16>) -> String {
 impl DestinationRuntime {
     /// Validates the settings (URL, headers, token URL, TLS files readable). Errors name no
     /// secret.
-    pub fn new(settings: DestinationSettings, options: &ServiceOptions) -> Result<Self, String> {
+    pub fn new(
+        settings: DestinationSettings,
+        options: &ServiceOptions,
+    ) -> Result<Self, SettingsError> {
         let template = RequestTemplate::new(&settings.request_url, &settings.headers)?;
         let authorizer = Authorizer::new(&settings.auth)?;
         if let Some(tls) = &settings.tls {
-            tls.validate().map_err(|e| e.within("tls").to_string())?;
+            tls.validate()
+                .map_err(|e| SettingsError::Config(e.within("tls")))?;
         }
         let policy = RetryPolicy::new(
             &settings.delivery,

@@ -37,6 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::UnixTime;
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
+use super::error::SettingsError;
 use crate::config::Tls;
 
 /// The request body type.
@@ -134,7 +135,7 @@ impl Transport {
     /// (`None` or empty settings: the default client). The client for given settings is made
     /// once, reading its files (an error names the field: `tls.caFile: cannot read …`), and
     /// shared by every clone of this transport; `http` requests share the plain pool.
-    pub fn with_tls(&self, tls: Option<&Tls>) -> Result<Transport, String> {
+    pub fn with_tls(&self, tls: Option<&Tls>) -> Result<Transport, SettingsError> {
         let Some(tls) = tls.filter(|t| !t.is_empty()) else {
             return Ok(Transport {
                 selected: None,
@@ -188,7 +189,7 @@ impl Transport {
         }
         // Without settings there is no file to read: this cannot fail, but a failure would
         // still be reported rather than hidden.
-        let config = client_config(None).map_err(TransportError::Tls)?;
+        let config = client_config(None).map_err(|e| TransportError::Tls(e.to_string()))?;
         Ok(self.tls.get_or_init(|| self.tls_client(config)))
     }
 
@@ -289,28 +290,28 @@ fn system_roots() -> &'static RootCertStore {
 
 /// The rustls configuration for `tls`: the system's roots plus `caFile`, and the client
 /// certificate when one is set. Errors name the field (`tls.caFile: …`).
-fn client_config(tls: Option<&Tls>) -> Result<ClientConfig, String> {
+fn client_config(tls: Option<&Tls>) -> Result<ClientConfig, SettingsError> {
     let mut roots = system_roots().clone();
     let mut identity = None;
     if let Some(tls) = tls {
-        let within = |e: crate::config::ConfigError| e.within("tls").to_string();
+        let within = |e: crate::config::ConfigError| SettingsError::Config(e.within("tls"));
         for cert in tls.ca_certificates().map_err(within)? {
             roots
                 .add(cert)
-                .map_err(|e| format!("tls.caFile: not usable as a CA: {e}"))?;
+                .map_err(|e| SettingsError::UnusableCa(e.to_string()))?;
         }
         identity = tls.client_identity().map_err(within)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| SettingsError::TlsConfig(e.to_string()))?
         .with_root_certificates(roots);
     match identity {
         None => Ok(builder.with_no_client_auth()),
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("tls.clientKeyFile: {e}")),
+            .map_err(|e| SettingsError::UnusableClientKey(e.to_string())),
     }
 }
 
