@@ -20,6 +20,7 @@ use super::settings::destination_settings;
 use super::stats::EgressStats;
 use super::transport::Transport;
 use crate::config::Destination;
+use crate::storage::deadletter::StoreError;
 use crate::storage::{DeadLetterStore, NewDeadLetter};
 
 /// One export handed over by the dataflow.
@@ -130,7 +131,21 @@ struct Queued {
 type Ordered = (Arc<DestinationRuntime>, Queued);
 
 /// A dead letter to store and where to say under which id (or why not).
-type DeadLetterRequest = (NewDeadLetter, oneshot::Sender<Result<u64, String>>);
+type DeadLetterRequest = (NewDeadLetter, oneshot::Sender<Result<u64, StoreFailure>>);
+
+/// Why a dead letter was not stored; its text becomes [`Unstored::error`] and the log's.
+#[derive(Clone, Debug, thiserror::Error)]
+enum StoreFailure {
+    /// The writer task is gone (the egress is shutting down).
+    #[error("the dead-letter writer stopped")]
+    WriterStopped,
+    /// The blocking write panicked or was cancelled.
+    #[error("dead-letter task failed: {0}")]
+    TaskFailed(String),
+    /// The store's error (path and OS error), shared by the batch it failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+}
 
 /// The most dead letters written with one `fsync`.
 const DEAD_LETTER_BATCH: usize = 1024;
@@ -585,10 +600,8 @@ async fn store_dead_letter(
     };
     let (reply, stored) = oneshot::channel();
     let result = match tx.send((letter.clone(), reply)) {
-        Ok(()) => stored
-            .await
-            .unwrap_or_else(|_| Err("the dead-letter writer stopped".into())),
-        Err(_) => Err("the dead-letter writer stopped".into()),
+        Ok(()) => stored.await.unwrap_or(Err(StoreFailure::WriterStopped)),
+        Err(_) => Err(StoreFailure::WriterStopped),
     };
     match result {
         Ok(id) => {
@@ -606,7 +619,10 @@ async fn store_dead_letter(
                 %error,
                 "could not store a failed export in the dead-letter store: it is kept in memory only"
             );
-            lock(&shared.unstored).push(Unstored { letter, error });
+            lock(&shared.unstored).push(Unstored {
+                letter,
+                error: error.to_string(),
+            });
             None
         }
     }
@@ -632,7 +648,7 @@ async fn write_dead_letters(
         let results = match tokio::task::spawn_blocking(move || store_batch(&store, letters)).await
         {
             Ok(results) => results,
-            Err(e) => vec![Err(format!("dead-letter task failed: {e}")); n],
+            Err(e) => vec![Err(StoreFailure::TaskFailed(e.to_string())); n],
         };
         for (result, reply) in results.into_iter().zip(replies) {
             let _ = reply.send(result);
@@ -642,16 +658,36 @@ async fn write_dead_letters(
 
 /// Stores `letters` with one `fsync`. When the write fails part-way (a full disk), the
 /// entries written whole before the failure are stored and the others fail with its error.
-fn store_batch(store: &DeadLetterStore, letters: Vec<NewDeadLetter>) -> Vec<Result<u64, String>> {
+fn store_batch(
+    store: &DeadLetterStore,
+    letters: Vec<NewDeadLetter>,
+) -> Vec<Result<u64, StoreFailure>> {
     let n = letters.len();
     match store.put_batch(letters) {
         Ok(entries) => entries.iter().map(|e| Ok(e.id)).collect(),
         Err(partial) => {
-            let error = partial.error.to_string();
-            let mut results: Vec<Result<u64, String>> =
+            let error = StoreFailure::Store(Arc::new(partial.error));
+            let mut results: Vec<Result<u64, StoreFailure>> =
                 partial.stored.iter().map(|e| Ok(e.id)).collect();
             results.resize(n, Err(error));
             results
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failure_texts_are_todays() {
+        assert_eq!(
+            StoreFailure::WriterStopped.to_string(),
+            "the dead-letter writer stopped"
+        );
+        assert_eq!(
+            StoreFailure::TaskFailed("task 1 panicked".into()).to_string(),
+            "dead-letter task failed: task 1 panicked"
+        );
     }
 }
