@@ -246,6 +246,15 @@ impl Feeder {
         Ok(())
     }
 
+    /// Queues what the hand-off must do at the next epoch pushed.
+    fn queue(&self, change: EgressChange) {
+        let epoch = self.pipeline.next_epoch();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(epoch, change);
+    }
+
     /// The log as it stood at the start has been read: waits until the dataflow and the
     /// hand-off are through it, and says so.
     fn caught_up(&mut self, started: Instant, from: u64, target: u64) -> anyhow::Result<()> {
@@ -287,18 +296,11 @@ impl Feeder {
             fragments: state.fragments.values().cloned().collect(),
             uploads: state.uploads.iter().copied().collect(),
         };
-        let epoch = self.pipeline.next_epoch();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                epoch,
-                EgressChange {
-                    ids: control.destination_ids(),
-                    snapshot: Some(Box::new(inputs)),
-                    ..Default::default()
-                },
-            );
+        self.queue(EgressChange {
+            ids: control.destination_ids(),
+            snapshot: Some(Box::new(inputs)),
+            ..Default::default()
+        });
         self.pipeline.push_snapshot()?;
         state.snapshot_at = (position, self.wal.disk_bytes(), fed);
         Ok(())
@@ -372,18 +374,11 @@ impl Feeder {
             } => vec![DestinationAction::Remove(id.clone())],
             _ => Vec::new(),
         };
-        let epoch = self.pipeline.next_epoch();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                epoch,
-                EgressChange {
-                    ids: control.destination_ids(),
-                    actions,
-                    ..Default::default()
-                },
-            );
+        self.queue(EgressChange {
+            ids: control.destination_ids(),
+            actions,
+            ..Default::default()
+        });
         self.pipeline.push_control(applied.plan.clone())?;
         self.stats.epochs.fetch_add(1, Ordering::Relaxed);
         Ok(applied.plan)
