@@ -8,7 +8,7 @@
 //!   and each object's first problem (`ConfigError::also`), one line each when displayed; a
 //!   type error or a missing required field stops the typed parse, so it is reported with the
 //!   unknown fields only.
-//! - Unknown fields are errors naming the closest known field ([`unknown`], SPEC §2); events
+//! - Unknown fields are errors naming the closest known field (`unknown.rs`, SPEC §2); events
 //!   keep ignoring theirs.
 //! - [`Config::unset_secrets`] reports `{"env": …}` secrets whose variable is not set, for the
 //!   commands that deliver.
