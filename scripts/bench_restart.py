@@ -76,14 +76,20 @@ def wait_idle(host, port, quiet=2.0):
 
 
 def post_lines(host, port, lines, connections, chunk=5000):
-    chunks = [lines[i:i + chunk] for i in range(0, len(lines), chunk)]
+    """Posts an iterator of NDJSON lines, `chunk` a request, on `connections` connections;
+    returns (seconds, lines posted). The lines are read as they are sent, not held."""
+    import queue
+    work = queue.Queue(maxsize=connections * 2)
     errors = []
+    count = [0]
 
-    def worker(mine):
-        c = http.client.HTTPConnection(host, port, timeout=120)
-        for body in mine:
-            data = ("\n".join(body) + "\n").encode()
-            c.request("POST", "/v1/events", body=data,
+    def worker():
+        c = http.client.HTTPConnection(host, port, timeout=300)
+        while True:
+            body = work.get()
+            if body is None:
+                break
+            c.request("POST", "/v1/events", body=body,
                       headers={"Content-Type": "application/x-ndjson"})
             r = c.getresponse()
             r.read()
@@ -91,16 +97,27 @@ def post_lines(host, port, lines, connections, chunk=5000):
                 errors.append(r.status)
         c.close()
 
-    threads = [threading.Thread(target=worker, args=(chunks[i::connections],))
-               for i in range(connections)]
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
     t0 = time.time()
     for t in threads:
         t.start()
+    batch = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == chunk:
+            work.put(("\n".join(batch) + "\n").encode())
+            count[0] += len(batch)
+            batch = []
+    if batch:
+        work.put(("\n".join(batch) + "\n").encode())
+        count[0] += len(batch)
+    for _ in threads:
+        work.put(None)
     for t in threads:
         t.join()
     if errors:
         raise SystemExit(f"ingest errors: {errors[:5]}")
-    return time.time() - t0
+    return time.time() - t0, count[0]
 
 
 def rss_kib(pid):
@@ -147,8 +164,13 @@ def main():
     updates = args.factor * load_events
     subprocess.run([sys.executable, os.path.join(HERE, "gen_history.py"), work,
                     str(args.profiles), str(updates)], check=True)
-    with open(os.path.join(work, "events.ndjson")) as f:
-        lines = f.read().splitlines()
+    events_file = os.path.join(work, "events.ndjson")
+
+    def lines(start, stop):
+        import itertools
+        with open(events_file) as f:
+            for line in itertools.islice(f, start, stop):
+                yield line.rstrip("\n")
     receiver = subprocess.Popen([args.bin, "bench", "--serve-only", "100000"],
                                 stdout=subprocess.PIPE, text=True)
     url = re.search(r"listening on (\S+)", receiver.stdout.readline()).group(1)
@@ -164,12 +186,12 @@ def main():
     rows = []
     proc, host, port, _ = start(args, cfg, data)
     drain(proc)
-    phases = [("initial load", lines[:load_events]),
-              (f"+{args.factor}x updates", lines[load_events:])]
+    phases = [("initial load", lines(0, load_events)),
+              (f"+{args.factor}x updates", lines(load_events, None))]
     fed = 0
     for name, batch in phases:
-        secs = post_lines(host, port, batch, args.connections)
-        fed += len(batch)
+        secs, n = post_lines(host, port, batch, args.connections)
+        fed += n
         wait_idle(host, port)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -179,7 +201,7 @@ def main():
         restart = float(m.group(1))
         rss = rss_kib(proc.pid)
         drain(proc)
-        rows.append((name, len(batch), len(batch) / secs, fed, size, restart, rss))
+        rows.append((name, n, n / secs, fed, size, restart, rss))
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     receiver.kill()
