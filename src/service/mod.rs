@@ -10,14 +10,16 @@
 //! order changes take effect), [`control`] and [`layout`] (the configuration as data: a
 //! change is a control epoch of the dataflow, with stable indices), [`record`] (the log's
 //! records), [`feeder`] (log → epochs → dataflow; exports → egress), [`acks`] (the keys of
-//! finished exports), [`backend`] (what the API's requests mean).
+//! finished exports), [`snapshot`] (the state, so that the log behind it can go), [`backend`]
+//! (what the API's requests mean); `start` holds the steps of a start and a stop, which
+//! [`run`] composes.
 //!
 //! # Durability and restart
 //!
-//! A request is answered once its record is `fsync`ed. At start the log is replayed from its
-//! beginning through a fresh dataflow: the same records form the same epochs and so the same
-//! exports with the same `Idempotency-Key`s; the ones recorded in `acks.log` (delivered or
-//! dead-lettered) are skipped, the others are sent. The configuration file's objects are then
+//! A request is answered once its record is `fsync`ed. At start the latest snapshot is loaded
+//! and the log after it is replayed through a fresh dataflow: the same records form the same
+//! epochs and so the same exports with the same `Idempotency-Key`s; the ones recorded in
+//! `acks.log` (delivered or dead-lettered) are skipped, the others are sent. The configuration file's objects are then
 //! applied as if PUT, where they differ from what the log built.
 //!
 //! Restart time and disk use are bounded by the state, not the history: every so many log
@@ -28,7 +30,7 @@
 //!
 //! `SIGTERM` or `SIGINT`: intake stops (503), requests in flight finish, exports not yet
 //! started are withdrawn (they go out after the next start), deliveries in flight get until
-//! 10 s after the signal, finished keys are flushed, and the process exits 0.
+//! 8 s after the signal, finished keys are flushed, and the process exits 0 (within 10 s).
 
 pub mod acks;
 pub mod backend;
