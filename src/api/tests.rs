@@ -32,10 +32,10 @@ struct TestBackend {
 
 impl TestBackend {
     fn record(&self, call: impl Into<String>) {
-        self.calls.lock().unwrap().push(call.into());
+        self.calls.lock().expect("test setup").push(call.into());
     }
     fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
+        self.calls.lock().expect("test setup").clone()
     }
 }
 
@@ -50,7 +50,7 @@ impl Backend for TestBackend {
                 ));
             }
             let n = events.len();
-            self.events.lock().unwrap().extend(events);
+            self.events.lock().expect("test setup").extend(events);
             Ok(n)
         })
     }
@@ -59,7 +59,7 @@ impl Backend for TestBackend {
         self.record(format!("get {} {id}", kind.route()));
         self.objects
             .lock()
-            .unwrap()
+            .expect("test setup")
             .get(&(kind, id.to_string()))
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("{} {id}", kind.noun())))
@@ -80,7 +80,7 @@ impl Backend for TestBackend {
             let created = self
                 .objects
                 .lock()
-                .unwrap()
+                .expect("test setup")
                 .insert((kind, id), body.clone())
                 .is_none();
             Ok((created, body))
@@ -94,7 +94,12 @@ impl Backend for TestBackend {
             if id == "referenced" {
                 return Err(ApiError::Conflict("referenced by destination d".into()));
             }
-            match self.objects.lock().unwrap().remove(&(kind, id.clone())) {
+            match self
+                .objects
+                .lock()
+                .expect("test setup")
+                .remove(&(kind, id.clone()))
+            {
                 Some(_) => Ok(()),
                 None => Err(ApiError::NotFound(format!("{} {id}", kind.noun()))),
             }
@@ -110,7 +115,7 @@ impl Backend for TestBackend {
         Box::pin(async move {
             self.record(format!("members {audience} {}", members.len()));
             let n = members.len();
-            self.members.lock().unwrap().extend(members);
+            self.members.lock().expect("test setup").extend(members);
             Ok(n)
         })
     }
@@ -173,8 +178,8 @@ struct Server {
 
 impl Server {
     async fn start(options: ApiOptions) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a port");
+        let addr = listener.local_addr().expect("test setup");
         let backend = Arc::new(TestBackend::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, backend.clone(), options, async {
@@ -201,12 +206,12 @@ impl Server {
     }
 
     async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        let _ = self.stop.take().expect("test setup").send(());
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap();
+            .expect("test setup")
+            .expect("test setup");
     }
 
     /// One request over a fresh connection, with hyper's client.
@@ -217,10 +222,10 @@ impl Server {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Reply {
-        let stream = TcpStream::connect(self.addr).await.unwrap();
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .unwrap();
+            .expect("test setup");
         tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
@@ -229,11 +234,16 @@ impl Server {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(body.into())).unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let req = req.body(Full::new(body.into())).expect("test setup");
+        let resp = sender.send_request(req).await.expect("the exchange");
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("the exchange")
+            .to_bytes();
         Reply {
             status,
             headers,
@@ -281,10 +291,10 @@ impl Reply {
 
 /// Writes `head` (and `body`) on a raw socket, reads until the server closes or `wait` passes.
 async fn raw_exchange(addr: SocketAddr, head: &str, body: &[u8], wait: Duration) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("socket I/O");
     if !body.is_empty() {
-        s.write_all(body).await.unwrap();
+        s.write_all(body).await.expect("socket I/O");
     }
     read_some(&mut s, wait).await
 }
@@ -363,7 +373,7 @@ async fn events_json_object_array_and_ndjson() {
         s.backend.calls(),
         vec!["ingest 1", "ingest 3", "ingest 2", "ingest 1"]
     );
-    assert_eq!(s.backend.events.lock().unwrap().len(), 7);
+    assert_eq!(s.backend.events.lock().expect("test setup").len(), 7);
     s.shutdown().await;
 }
 
@@ -541,7 +551,7 @@ async fn members_csv() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     assert_eq!(r.json(), json!({"accepted": 2}));
     assert_eq!(
-        *s.backend.members.lock().unwrap(),
+        *s.backend.members.lock().expect("test setup"),
         vec![
             ("email".to_string(), "a@x.com".to_string()),
             ("crm".to_string(), "1,\"2\"".to_string())
@@ -557,7 +567,10 @@ async fn members_csv() {
         )
         .await
         .assert_error(StatusCode::BAD_REQUEST);
-    assert!(j["error"].as_str().unwrap().contains("line 1"), "{j}");
+    assert!(
+        j["error"].as_str().expect("test setup").contains("line 1"),
+        "{j}"
+    );
     // Wrong field count on line 3.
     let j = s
         .send(
@@ -568,7 +581,10 @@ async fn members_csv() {
         )
         .await
         .assert_error(StatusCode::BAD_REQUEST);
-    assert!(j["error"].as_str().unwrap().contains("line 3"), "{j}");
+    assert!(
+        j["error"].as_str().expect("test setup").contains("line 3"),
+        "{j}"
+    );
     // Not CSV.
     s.send("POST", path, &[("content-type", "application/json")], "{}")
         .await
@@ -622,10 +638,10 @@ async fn prometheus_metrics() {
     assert!(
         r.headers["content-type"]
             .to_str()
-            .unwrap()
+            .expect("test setup")
             .starts_with("text/plain; version=0.0.4")
     );
-    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    let text = String::from_utf8(r.body.to_vec()).expect("test setup");
     for name in [
         "streamdest_events_accepted_total counter",
         "streamdest_epochs_total counter",
@@ -658,7 +674,7 @@ async fn prometheus_metrics() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let value = line.rsplit(' ').next().unwrap();
+        let value = line.rsplit(' ').next().expect("test setup");
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     let r = s
@@ -672,7 +688,7 @@ async fn prometheus_metrics() {
     assert!(
         r.headers["content-type"]
             .to_str()
-            .unwrap()
+            .expect("test setup")
             .starts_with("application/openmetrics-text")
     );
     assert!(String::from_utf8_lossy(&r.body).ends_with("# EOF\n"));
@@ -793,14 +809,14 @@ async fn oversize_content_length_is_refused_unread() {
 #[tokio::test]
 async fn oversize_chunked_body_is_refused() {
     let s = Server::with_limit(1024).await;
-    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
     stream
         .write_all(
             b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
               transfer-encoding: chunked\r\n\r\n",
         )
         .await
-        .unwrap();
+        .expect("test setup");
     // 4 chunks of 512 bytes: past the limit in the third.
     for _ in 0..4 {
         let chunk = format!("200\r\n{}\r\n", " ".repeat(512));
@@ -842,8 +858,8 @@ async fn expect_continue_too_large_gets_413_without_100() {
     .await;
     let head = "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\
                 expect: 100-continue\r\n\r\n";
-    let mut stream = TcpStream::connect(s2.addr).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = TcpStream::connect(s2.addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("socket I/O");
     let reply = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
     s2.shutdown().await;
@@ -859,12 +875,12 @@ async fn expect_continue_normal_gets_100_then_202() {
          content-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let mut stream = TcpStream::connect(s.addr).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("socket I/O");
     // The body is sent only after the 100.
     let interim = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(5)).await;
     assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
-    stream.write_all(body).await.unwrap();
+    stream.write_all(body).await.expect("socket I/O");
     let reply = read_some(&mut stream, Duration::from_secs(5)).await;
     let all = format!("{interim}{reply}");
     assert!(all.contains("HTTP/1.1 202"), "{all}");
@@ -881,9 +897,9 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    let mut stream = TcpStream::connect(s.addr).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body[..3]).await.unwrap();
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("socket I/O");
+    stream.write_all(&body[..3]).await.expect("socket I/O");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let addr = s.addr;
     let backend = s.backend.clone();
@@ -892,29 +908,29 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     // No new connections.
     assert!(TcpStream::connect(addr).await.is_err());
     // The one in flight completes.
-    stream.write_all(&body[3..]).await.unwrap();
+    stream.write_all(&body[3..]).await.expect("socket I/O");
     let reply = read_some(&mut stream, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
-    stopping.await.unwrap();
+    stopping.await.expect("the exchange");
     assert_eq!(backend.calls(), vec!["ingest 1"]);
 }
 
 #[tokio::test]
 async fn keep_alive_connection_serves_many_requests() {
     let s = Server::default().await;
-    let stream = TcpStream::connect(s.addr).await.unwrap();
+    let stream = TcpStream::connect(s.addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .expect("test setup");
     tokio::spawn(conn);
     for i in 0..3 {
         let req = Request::post("/v1/events")
             .header("host", "x")
             .body(Full::new(Bytes::from(format!("{{\"i\":{i}}}"))))
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+            .expect("test setup");
+        let resp = sender.send_request(req).await.expect("the exchange");
         assert_eq!(resp.status(), StatusCode::ACCEPTED);
-        resp.into_body().collect().await.unwrap();
+        resp.into_body().collect().await.expect("the exchange");
     }
     s.shutdown().await;
 }
