@@ -796,6 +796,9 @@ async fn dead_letters_list_and_redrive_to_the_fixed_destination() {
     assert_eq!(email_of(&got[0]), "a@x");
     let (_, body) = svc.json("GET", "/v1/destinations/d1/dead-letters", &Value::Null);
     assert_eq!(body, json!([]));
+    let (_, metrics) = svc.json("GET", "/v1/destinations/d1/metrics", &Value::Null);
+    assert_eq!(metrics["delivered"], 1, "the redrive counts: {metrics}");
+    assert_eq!(metrics["deadLettered"], 1, "{metrics}");
     assert_eq!(
         svc.json("GET", "/v1/destinations/nope/dead-letters", &Value::Null)
             .0,

@@ -147,6 +147,12 @@ async fn redrive_entry(
     let (delivered, attempts, last_status, last_error, last_body) = match rt {
         Ok(rt) => {
             let round = deliver_round(rt, transport, &entry.idempotency_key, &entry.payload).await;
+            if round.delivered {
+                // A configured destination's metrics count a re-driven export as delivered.
+                rt.counters
+                    .delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             (
                 round.delivered,
                 entry.attempts.saturating_add(round.attempts),
