@@ -77,6 +77,9 @@ pub struct FeedStats {
     /// The state is rebuilt: the snapshot and the log as it stood at the start have been
     /// through the dataflow and their exports handed to the egress.
     pub ready: AtomicBool,
+    /// A snapshot is being written: the feeder asks for no other meanwhile (its records would
+    /// be gathered for nothing).
+    pub snapshot_writing: AtomicBool,
 }
 
 /// Where the feeder starts: from the beginning of the log, or from a snapshot.
@@ -278,6 +281,9 @@ impl Feeder {
         state: &mut State,
         position: u64,
     ) -> anyhow::Result<()> {
+        if self.stats.snapshot_writing.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let (at, bytes, events) = state.snapshot_at;
         let fed = self.stats.events.load(Ordering::Relaxed);
         let replay_cost = fed.saturating_sub(events);
@@ -396,11 +402,17 @@ pub struct HandOff {
     pub wal: Arc<Wal>,
     pub acks: AckLog,
     pub data_dir: PathBuf,
+    pub stats: Arc<FeedStats>,
 }
 
 impl HandOff {
     pub fn run(mut self) -> anyhow::Result<()> {
-        let writer = snapshot_writer(self.data_dir.clone(), self.wal.clone(), self.acks.clone())?;
+        let writer = snapshot_writer(
+            self.data_dir.clone(),
+            self.wal.clone(),
+            self.acks.clone(),
+            self.stats.clone(),
+        )?;
         let mut ids: Vec<String> = Vec::new();
         while let Some((epoch, exports)) = self.stream.next_epoch() {
             let change = self
@@ -513,12 +525,14 @@ fn snapshot_writer(
     data_dir: PathBuf,
     wal: Arc<Wal>,
     acks: AckLog,
+    stats: Arc<FeedStats>,
 ) -> anyhow::Result<crossbeam_channel::Sender<Snapshot>> {
     let (tx, rx) = crossbeam_channel::bounded::<Snapshot>(0);
     std::thread::Builder::new()
         .name("snapshot".into())
         .spawn(move || {
             for snapshot in rx {
+                stats.snapshot_writing.store(true, Ordering::Release);
                 let started = Instant::now();
                 let position = snapshot.inputs.position;
                 let keep: HashSet<String> = snapshot
@@ -544,6 +558,7 @@ fn snapshot_writer(
                     }
                     Err(e) => tracing::error!(error = %e, "snapshot not written; the log is kept"),
                 }
+                stats.snapshot_writing.store(false, Ordering::Release);
             }
         })
         .context("starting the snapshot writer")?;

@@ -87,6 +87,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     // A stage that stops with an error stops the service (exit status 1): what was accepted
     // is in the log and goes out after the next start.
     let fatal = start::Fatal::default();
+    let feed_stats = Arc::new(feeder::FeedStats::default());
     let hand_off = feeder::spawn_hand_off(
         feeder::HandOff {
             stream,
@@ -97,10 +98,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             wal: wal.clone(),
             acks: acks.clone(),
             data_dir: options.data_dir.clone(),
+            stats: feed_stats.clone(),
         },
         fatal.report("hand-off"),
     )?;
-    let feed_stats = Arc::new(feeder::FeedStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feeder::Feeder {
         wal: wal.clone(),
