@@ -341,17 +341,7 @@ async fn api_token_and_body_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_then_restart_sends_what_was_not_acknowledged_with_the_same_key() {
     let hang = Arc::new(AtomicBool::new(false));
-    let endpoint = {
-        let hang = hang.clone();
-        TestServer::start(move |_| {
-            if hang.load(Ordering::SeqCst) {
-                Reply::Hang
-            } else {
-                Reply::ok()
-            }
-        })
-        .await
-    };
+    let endpoint = hanging_endpoint(hang.clone(), |_| true).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut cfg = config(&endpoint.url(""));
@@ -395,6 +385,22 @@ async fn kill_9_then_restart_sends_what_was_not_acknowledged_with_the_same_key()
         got[3].json()["segmentMembership"]["ups"]["johns"]["status"],
         "exited"
     );
+}
+
+/// An endpoint that never answers the requests `which` picks while `hang` is set, and answers
+/// 200 otherwise.
+async fn hanging_endpoint(
+    hang: Arc<AtomicBool>,
+    which: impl Fn(&Recorded) -> bool + Send + Sync + 'static,
+) -> TestServer {
+    TestServer::start(move |r| {
+        if hang.load(Ordering::SeqCst) && which(r) {
+            Reply::Hang
+        } else {
+            Reply::ok()
+        }
+    })
+    .await
 }
 
 fn segments(data: &Path) -> Vec<PathBuf> {
@@ -453,17 +459,7 @@ async fn a_torn_log_tail_is_cut_and_a_corrupt_record_stops_the_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_from_a_snapshot_and_its_outbox() {
     let hang = Arc::new(AtomicBool::new(true));
-    let endpoint = {
-        let hang = hang.clone();
-        TestServer::start(move |r| {
-            if hang.load(Ordering::SeqCst) && r.body_str().contains("p4@x") {
-                Reply::Hang
-            } else {
-                Reply::ok()
-            }
-        })
-        .await
-    };
+    let endpoint = hanging_endpoint(hang.clone(), |r| r.body_str().contains("p4@x")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut cfg = config(&endpoint.url(""));
