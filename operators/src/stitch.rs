@@ -2,18 +2,24 @@
 //!
 //! `privateGraph` is incremental connected components over the identities: a fragment links the
 //! identities it holds, and a profile is a component, named by its smallest identity key; a
-//! fragment belongs to the component of its identities. Label propagation handles merges and
-//! splits alike: when a fragment is deleted or re-upserted without a linking identity, the
-//! labels that flowed through it are retracted and the parts settle on their own minima. An
-//! attribute-only write retracts and re-inserts the same edges, which cancel before the
-//! components see them.
+//! fragment belongs to the component of its identities. A keyed stage holds the graph and, at
+//! each epoch, relabels the components the epoch's identity-set changes touched: merges and
+//! splits alike ([`graph`]). An attribute-only write changes no identity set and never reaches
+//! it.
 //!
 //! `none` puts each fragment in the profile of its primary identity, with no arrangement at all.
 //! Which fragments each profile then has is [`crate::members`]'s business.
 
-use differential_dataflow::VecCollection;
-use differential_dataflow::algorithms::graphs::propagate::propagate;
+mod graph;
 
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+
+pub use graph::Graph;
+
+use crate::gate::EpochGate;
 use crate::input::{Epoch, FragKey, FragRef, IdKey, ProfileKey};
 use crate::meter::Meter;
 use crate::plan::Stitching;
@@ -53,29 +59,45 @@ pub fn anchor(f: &FragRef) -> IdKey {
 }
 
 /// `(identity, component)` for every identity some fragment holds: the connected components
-/// of the graph in which each fragment links its identities, as a star around its anchor, and
-/// the component is named by its smallest identity key.
+/// of the graph in which each fragment links its identities, each named by its smallest
+/// identity key (see [`graph`]).
 ///
-/// Edges and seeds keep their multiplicities (two fragments may link the same pair): label
-/// propagation takes the least label present, which multiplicities do not change, so no
-/// `distinct` is needed.
+/// The graph is held whole by worker 0: a component can span every worker's identities, and
+/// only a change of some fragment's identity set reaches it (a new or deleted fragment, an
+/// identity added or dropped), so its work is the components those changes touch. The labels
+/// go back out as a collection, exchanged by identity downstream.
 pub fn components<'s>(
     identities: FragmentIdentities<'s>,
     meter: &Meter,
 ) -> Coll<'s, (IdKey, ProfileKey)> {
-    let edges = identities
-        .clone()
-        .flat_map(|(_, ids): (FragKey, IdentitySet)| {
-            let hub = ids.first().copied().unwrap_or(0);
-            ids.iter()
-                .skip(1)
-                .flat_map(|&i| [(hub, i), (i, hub)])
-                .collect::<Vec<_>>()
-        });
-    let seeds = identities.flat_map(|(_, ids): (FragKey, IdentitySet)| {
-        ids.iter().map(|&i| (i, i)).collect::<Vec<_>>()
-    });
-    meter.collection("edges (propagate)", &edges);
-    meter.collection("seeds (propagate)", &seeds);
-    propagate(edges, seeds)
+    meter.collection("messages to components", &identities);
+    identities
+        .inner
+        .unary_frontier::<CapacityContainerBuilder<Vec<_>>, _, _, _>(
+            Exchange::new(|_: &((FragKey, IdentitySet), Epoch, isize)| 0),
+            "Components",
+            |_initial, _info| {
+                let mut gate = EpochGate::default();
+                let mut graph = Graph::default();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        gate.push_timed(cap.retain_least(0), data.drain(..), |((_, ids), t, d)| {
+                            (t, (ids, d))
+                        })
+                    });
+                    while let Some((cap, changes)) = gate.next_complete(frontier) {
+                        let epoch = *cap.time();
+                        for (ids, diff) in changes {
+                            graph.update(&ids, diff);
+                        }
+                        let mut session = output.session(&cap);
+                        graph.settle(|identity, label, diff| {
+                            session.give(((identity, label), epoch, diff))
+                        });
+                    }
+                    gate.release(frontier);
+                }
+            },
+        )
+        .as_collection()
 }
