@@ -1,7 +1,7 @@
 //! The whole dataflow, one stage a function:
 //!
 //! ```text
-//!                 ┌─ identity sets ─► identity graph (propagate) ─► (identity, profile) ──┬──────┐
+//!                 ┌─ identity sets ─► components (worker 0) ────► (identity, profile) ──┬──────┐
 //! fragment ─► upsert ─ fragments ────────────────────────────────────────┐                │      │
 //! writes        └─ marks ──────────────────────────────────────────┐     ▼                ▼      │
 //!                                                                  │   members ◄── uploads       │
@@ -18,12 +18,12 @@
 //!                                              decide ─► candidates ─► sink
 //! ```
 //!
-//! Time is the epoch. Differential keeps what needs its incrementality: the identity graph's
-//! connected components (merges and splits) and the upload memberships. Everything keyed and
-//! local is hand-written, epoch at a time, on keyed state (`members` by identity, `views`,
-//! `route` and `decide` by profile, `link` by identity): which fragments each profile has, its
-//! view, where identities were, the previous epoch's statuses, and the epoch's events (marks),
-//! which travel as messages. An attribute-only write updates no arrangement at all: it moves a
+//! Time is the epoch. Differential keeps the upload memberships (an upsert arrangement);
+//! everything else is hand-written, epoch at a time, on keyed state (`components` on worker 0,
+//! which only identity-set changes reach; `members` and `link` by identity; `views`, `route`
+//! and `decide` by profile): the identity graph, which fragments each profile has, its view,
+//! where identities were, the previous epoch's statuses, and the epoch's events (marks), which
+//! travel as messages. An attribute-only write updates no arrangement at all: it moves a
 //! fragment version through `upsert`, `members` and `views`, and its mark through `link` and
 //! `route` (`cargo bench --bench dataflow -- --count` tabulates it).
 

@@ -46,7 +46,7 @@ pub fn identity_profiles<'s>(
         }),
         Stitching::PrivateGraph => {
             let labels = components(identities, meter);
-            meter.collection("identity profiles (propagate output)", &labels);
+            meter.collection("identity profiles (components output)", &labels);
             labels
         }
     }
