@@ -1,47 +1,48 @@
 //! The whole dataflow, one stage a function:
 //!
 //! ```text
-//!                 ┌─ identity sets ─► components (worker 0) ────► (identity, profile) ──┬──────┐
-//! fragment ─► upsert ─ fragments ────────────────────────────────────────┐                │      │
-//! writes        └─ marks ──────────────────────────────────────────┐     ▼                ▼      │
-//!                                                                  │   members ◄── uploads       │
-//! upload writes ─► uploads (upsert) ───────────────────────────────┼────┘ (by identity)   │      │
-//!       └─ marks ──────────────────────────────────────────────┐   │     │ (profile, member)     │
-//!                                                              ▼   ▼     ▼                       │
-//!                                                              link ◄────┼───────────────────────┘
-//!                                                   (identities before/after: successors, marks)
-//!                                                                │     views (by profile)
-//!                                                                ▼       │
-//!                                              route ◄── marks, successors, view changes
-//!                                                │  (records of t - 1: hand-over, tombstones)
-//!                                                ▼
-//!                                              decide ─► candidates ─► sink
+//!                 ┌─ identity sets ─► components (worker 0) ─► (identity, profile) ─┐
+//! fragment ─► upsert ─ fragments, at their anchor identities ──────────────────────┤
+//! writes        └─ marks, at the anchors before and after ─────────────────────────┤
+//!                                                                                  ▼
+//! upload writes ─► uploads (upsert) ─ memberships ─────────────────────► identities (by identity)
+//!       └─ marks ──────────────────────────────────────────────────────►    │           │
+//!                                                        (profile, member) ± 1   successors, marks
+//!                                                                           ▼           │
+//!                                                               views (by profile)      │
+//!                                                                           │ views     │
+//!                                                                           ▼           ▼
+//!                                                                     route (records of t - 1:
+//!                                                                       │  hand-over, tombstones)
+//!                                                                       ▼
+//!                                                                     decide ─► candidates ─► sink
 //! ```
 //!
 //! Time is the epoch. Differential keeps the upload memberships (an upsert arrangement);
 //! everything else is hand-written, epoch at a time, on keyed state (`components` on worker 0,
-//! which only identity-set changes reach; `members` and `link` by identity; `views`, `route`
-//! and `decide` by profile): the identity graph, which fragments each profile has, its view,
+//! which only identity-set changes reach; `identities` by identity; `views`, `route` and
+//! `decide` by profile): the identity graph, which fragments each profile has, its view,
 //! where identities were, the previous epoch's statuses, and the epoch's events (marks), which
 //! travel as messages. An attribute-only write updates no arrangement at all: it moves a
-//! fragment version through `upsert`, `members` and `views`, and its mark through `link` and
-//! `route` (`cargo bench --bench dataflow -- --count` tabulates it).
+//! fragment version through `upsert`, `identities` and `views`, and its mark through
+//! `identities` and `route` (`cargo bench --bench dataflow -- --count` tabulates it).
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::Concatenate;
 use timely::dataflow::operators::core::Map;
 use timely::dataflow::operators::core::input::{Handle, Input as _};
-use timely::dataflow::operators::{Concat, Concatenate};
 use timely::dataflow::{Scope, Stream};
 
 use crate::history::{Decided, Seed, history};
+use crate::identity::{AtIdentity, ToIdentity, ToProfiles, identities};
 use crate::input::{
     Epoch, EpochInput, FragKey, FragRef, FragmentWrite, IdKey, ProfileKey, UploadWrite,
 };
-use crate::link::{AtIdentity, Role, ToProfile, link};
-use crate::members::{AtAnchor, MemberChange, members};
+use crate::link::{MarkAt, Role, ToProfile};
+use crate::members::MemberChange;
 use crate::meter::Meter;
 use crate::plan::{AudienceIdx, Plans, Stitching};
 use crate::stitch::{anchor, identity_profiles};
@@ -184,164 +185,138 @@ fn profiles<'s>(
     sources: Sources<'s>,
 ) -> Decisions<'s> {
     let plan = plans.at(0);
-    let holders = identity_profiles(kind, sources.fragments.clone(), sources.identities, meter);
-    let member_changes = profile_members(
-        plans,
+    let scope = sources.fragment_marks.scope();
+    let holders = identity_profiles(
         kind,
-        &sources.fragments,
-        &holders,
-        sources.uploads,
+        sources.fragments.clone(),
+        sources.identities.clone(),
         meter,
     );
+    let mut member_changes = Vec::new();
+    let mut to_profiles = Vec::new();
+    if kind == Stitching::None {
+        let (members, marks) =
+            by_primary_identity(&sources.fragments, sources.fragment_marks.clone());
+        member_changes.push(members);
+        to_profiles.push(marks);
+    }
+    if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
+        let at_identities = to_identities(plans, kind, &sources, holders);
+        meter.stream("messages to identities", &at_identities);
+        let out = identities(at_identities, kind == Stitching::PrivateGraph);
+        member_changes.push(out.members);
+        to_profiles.push(out.to_profiles);
+    }
+    let member_changes = scope.concatenate(member_changes);
     meter.stream("messages to views (member changes)", &member_changes);
     let views = views(plans.clone(), kind, member_changes);
     meter.stream("messages to route: view changes", &views);
-    let views =
-        views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch));
-
-    let scope = views.scope();
-    let mut to_profiles = vec![views];
-    let mut at_identities = Vec::new();
-    match route_fragment_marks(kind, sources.fragment_marks) {
-        MarksTo::Link(marks) => at_identities.push(marks),
-        MarksTo::Route(marks) => to_profiles.push(marks),
-    }
-    if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
-        at_identities.push(holders.inner.map(|((identity, profile), epoch, diff)| {
-            (identity, AtIdentity::Holds { profile, diff }, epoch)
-        }));
-        at_identities.push(upload_marks(plans, kind, sources.upload_writes));
-        let at_identities = scope.concatenate(at_identities);
-        meter.stream("messages to link", &at_identities);
-        to_profiles.push(link(at_identities, kind == Stitching::PrivateGraph));
-    }
+    to_profiles.push(
+        views.map(|(profile, view, epoch, diff)| (profile, ToProfile::View { view, diff }, epoch)),
+    );
     let to_profiles = scope.concatenate(to_profiles);
     meter.stream("messages to route", &to_profiles);
     history(plans.clone(), kind, to_profiles, sources.seeds)
 }
 
-/// `(profile, member) ± 1`: each profile's fragments and upload memberships. Under
-/// `privateGraph` a fragment follows its anchor identity's component and an upload every
-/// profile holding the identity, both kept by [`members`]; under `none` a fragment goes to its
-/// primary identity's profile directly.
-fn profile_members<'s>(
+/// Under `none`, a fragment and its marks go straight to its primary identity's profile.
+fn by_primary_identity<'s>(
+    fragments: &Coll<'s, (FragKey, FragRef)>,
+    marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
+) -> (
+    Stream<'s, Epoch, Vec<MemberChange>>,
+    Stream<'s, Epoch, Vec<ToProfiles>>,
+) {
+    let members = fragments.inner.clone().map(
+        |((_, f), epoch, diff): ((FragKey, FragRef), Epoch, isize)| {
+            ((f.primary().key(), Member::Fragment(f)), epoch, diff)
+        },
+    );
+    let marks = marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
+        let to = |profile: ProfileKey, role| {
+            let mark = ToProfile::Mark {
+                role,
+                policy: None,
+                mark: m.mark.clone(),
+            };
+            (profile, mark, epoch)
+        };
+        let before = m.before.map(|a| to(a.primary, Role::Before));
+        let after = m.after.map(|a| to(a.primary, Role::After));
+        before.into_iter().chain(after)
+    });
+    (members, marks)
+}
+
+/// What the identity stage of `kind` is told: the stitching's holders; under `privateGraph`
+/// each fragment at its anchor identity and its marks at the anchors before and after; the
+/// upload memberships and marks of the audiences of `kind`'s policies.
+fn to_identities<'s>(
     plans: &Plans,
     kind: Stitching,
-    fragments: &Coll<'s, (FragKey, FragRef)>,
-    holders: &Coll<'s, (IdKey, ProfileKey)>,
-    uploads: Coll<'s, (IdKey, AudienceIdx)>,
-    meter: &Meter,
-) -> Stream<'s, Epoch, Vec<MemberChange>> {
-    let mut at_anchors = holders
-        .inner
-        .clone()
-        .map(|((identity, profile), epoch, diff)| {
-            (identity, AtAnchor::Holder(profile), epoch, diff)
-        });
+    sources: &Sources<'s>,
+    holders: Coll<'s, (IdKey, ProfileKey)>,
+) -> Stream<'s, Epoch, Vec<ToIdentity>> {
     let plan = plans.at(0);
-    if plan.has_uploads(kind) {
-        let plans = plans.clone();
-        at_anchors = at_anchors.concat(uploads.inner.flat_map(
-            move |((identity, audience), epoch, diff)| {
-                let plan = plans.at(epoch);
-                let policy = plan.audiences[audience as usize].policy;
-                (plan.policies[policy as usize].stitching == kind).then_some((
-                    identity,
-                    AtAnchor::Upload(audience),
-                    epoch,
-                    diff,
-                ))
-            },
-        ));
-    }
-    match kind {
-        Stitching::PrivateGraph => {
-            let anchored = fragments
+    let mut streams = vec![holders.inner.map(|((identity, profile), epoch, diff)| {
+        (identity, AtIdentity::Holds { profile, diff }, epoch)
+    })];
+    if kind == Stitching::PrivateGraph {
+        streams.push(
+            sources
+                .fragments
                 .inner
                 .clone()
-                .map(|((_, f), epoch, diff)| (anchor(&f), AtAnchor::Fragment(f), epoch, diff));
-            let at_anchors = at_anchors.concat(anchored);
-            meter.stream("messages to members", &at_anchors);
-            members(at_anchors)
-        }
-        Stitching::None => {
-            let direct = fragments.inner.clone().map(
-                |((_, f), epoch, diff): ((FragKey, FragRef), Epoch, isize)| {
-                    ((f.primary().key(), Member::Fragment(f)), epoch, diff)
-                },
-            );
-            if plan.has_uploads(kind) {
-                direct.concat(members(at_anchors))
-            } else {
-                direct
-            }
-        }
-    }
-}
-
-type ToLinker<'s> = Stream<'s, Epoch, Vec<(IdKey, AtIdentity, Epoch)>>;
-type ToProfiles<'s> = Stream<'s, Epoch, Vec<(ProfileKey, ToProfile, Epoch)>>;
-
-/// Where a stitching's fragment marks go.
-enum MarksTo<'s> {
-    Link(ToLinker<'s>),
-    Route(ToProfiles<'s>),
-}
-
-/// Fragment marks, to the profile before and after the epoch: through the linker (an
-/// identity names the profile under `privateGraph`), or straight to the primary identity's
-/// profile (`none`).
-fn route_fragment_marks<'s>(
-    kind: Stitching,
-    marks: Stream<'s, Epoch, Vec<(FragmentMark, Epoch)>>,
-) -> MarksTo<'s> {
-    match kind {
-        Stitching::PrivateGraph => {
-            MarksTo::Link(marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
+                .map(|((_, f), epoch, diff)| {
+                    (
+                        anchor(&f),
+                        AtIdentity::Fragment { fragment: f, diff },
+                        epoch,
+                    )
+                }),
+        );
+        streams.push(sources.fragment_marks.clone().flat_map(
+            |(m, epoch): (FragmentMark, Epoch)| {
                 let at = |identity: IdKey, before| {
-                    let mark = AtIdentity::Fragment {
+                    let mark = MarkAt::Fragment {
                         before,
                         mark: m.mark.clone(),
                     };
-                    (identity, mark, epoch)
+                    (identity, AtIdentity::Mark(mark), epoch)
                 };
                 let before = m.before.map(|a| at(a.identity, true));
                 let after = m.after.map(|a| at(a.identity, false));
                 before.into_iter().chain(after)
-            }))
-        }
-        Stitching::None => MarksTo::Route(marks.flat_map(|(m, epoch): (FragmentMark, Epoch)| {
-            let to = |profile: ProfileKey, role| {
-                let mark = ToProfile::Mark {
-                    role,
-                    policy: None,
-                    mark: m.mark.clone(),
-                };
-                (profile, mark, epoch)
-            };
-            let before = m.before.map(|a| to(a.primary, Role::Before));
-            let after = m.after.map(|a| to(a.primary, Role::After));
-            before.into_iter().chain(after)
-        })),
+            },
+        ));
     }
-}
-
-/// Upload marks of the audiences of `kind`'s policies, to the linker.
-fn upload_marks<'s>(
-    plans: &Plans,
-    kind: Stitching,
-    writes: Stream<'s, Epoch, Vec<UploadRecord>>,
-) -> ToLinker<'s> {
-    let plans = plans.clone();
-    writes.flat_map(move |((audience, identity), write, epoch): UploadRecord| {
-        let plan = plans.at(epoch);
-        let policy = plan.audiences[audience as usize].policy;
-        (plan.policies[policy as usize].stitching == kind).then(|| {
-            let mark = AtIdentity::Upload {
-                policy,
-                mark: write.mark,
-            };
-            (identity, mark, epoch)
-        })
-    })
+    if plan.has_uploads(kind) {
+        let of_kind = {
+            let plans = plans.clone();
+            move |audience: AudienceIdx, epoch: Epoch| {
+                let plan = plans.at(epoch);
+                let policy = plan.audiences[audience as usize].policy;
+                (plan.policies[policy as usize].stitching == kind).then_some(policy)
+            }
+        };
+        let memberships = of_kind.clone();
+        streams.push(sources.uploads.inner.clone().flat_map(
+            move |((identity, audience), epoch, diff)| {
+                memberships(audience, epoch)
+                    .map(|_| (identity, AtIdentity::Upload { audience, diff }, epoch))
+            },
+        ));
+        streams.push(sources.upload_writes.clone().flat_map(
+            move |((audience, identity), write, epoch): UploadRecord| {
+                of_kind(audience, epoch).map(|policy| {
+                    let mark = MarkAt::Upload {
+                        policy,
+                        mark: write.mark,
+                    };
+                    (identity, AtIdentity::Mark(mark), epoch)
+                })
+            },
+        ));
+    }
+    sources.fragment_marks.scope().concatenate(streams)
 }

@@ -7,6 +7,7 @@ pub mod dataflow;
 pub mod export;
 pub mod gate;
 pub mod history;
+pub mod identity;
 pub mod input;
 pub mod intern;
 pub mod leaf;

@@ -1,38 +1,20 @@
-//! Members: which fragments and upload memberships each profile has, kept by identity.
+//! Members: which fragments and upload memberships each profile has, as one identity holds
+//! them.
 //!
-//! A keyed stage (exchanged by identity) that holds, per identity, the profile(s) holding it
-//! (from stitching), the fragments anchored at it (`privateGraph`: a fragment lies in its
-//! anchor identity's component) and the audiences it is uploaded to. Once an epoch is complete
-//! it emits the change of each touched identity's contribution, `(profile, member) ± 1`:
-//! a fragment moves with its anchor's profile when stitching relabels a component, and an
-//! upload counts for every profile holding the identity.
+//! An [`Anchor`] is what the identity stage ([`crate::identity`]) keeps per identity: the
+//! profile(s) holding it (from stitching), the fragments anchored at it (`privateGraph`: a
+//! fragment lies in its anchor identity's component) and the audiences it is uploaded to. Its
+//! *contribution* is the `(profile, member)` pairs it gives: a fragment moves with its anchor's
+//! profile when stitching relabels a component, and an upload counts for every profile holding
+//! the identity. The stage emits the change of each touched identity's contribution.
 //!
 //! This is the join of the fragments, the uploads and the identity profiles, kept as keyed
 //! state rather than arrangements: an attribute-only write costs one retraction and one
 //! insertion here and nothing in any arrangement.
 
-use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::Stream;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-
-use crate::gate::EpochGate;
-use crate::input::{Epoch, FragRef, IdKey, ProfileKey};
+use crate::input::{Epoch, FragRef, ProfileKey};
 use crate::plan::AudienceIdx;
 use crate::view::Member;
-
-/// A change at an identity.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AtAnchor {
-    /// The identity is held by `profile` (multiplicity change).
-    Holder(ProfileKey),
-    /// A fragment anchored at the identity.
-    Fragment(FragRef),
-    /// The identity is uploaded to the audience.
-    Upload(AudienceIdx),
-}
 
 /// A small multiset of `(value, count)`, with the one-value case (nearly every identity: one
 /// profile, one anchored fragment) kept inline.
@@ -84,28 +66,20 @@ impl<T: PartialEq + Clone> Counts<T> {
 }
 
 /// What one identity holds.
-#[derive(Clone, Debug)]
-struct Anchor {
-    holders: Counts<ProfileKey>,
-    fragments: Counts<FragRef>,
-    uploads: Counts<AudienceIdx>,
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Anchor {
+    pub(crate) holders: Counts<ProfileKey>,
+    pub(crate) fragments: Counts<FragRef>,
+    pub(crate) uploads: Counts<AudienceIdx>,
 }
 
 impl Anchor {
-    fn new() -> Anchor {
-        Anchor {
-            holders: Counts::Empty,
-            fragments: Counts::Empty,
-            uploads: Counts::Empty,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.holders.is_empty() && self.fragments.is_empty() && self.uploads.is_empty()
     }
 
     /// The `(profile, member)` pairs this identity contributes.
-    fn contribution(&self) -> Vec<(ProfileKey, Member)> {
+    pub(crate) fn contribution(&self) -> Vec<(ProfileKey, Member)> {
         let members: Vec<Member> = self
             .fragments
             .present()
@@ -121,58 +95,3 @@ impl Anchor {
 }
 
 pub type MemberChange = ((ProfileKey, Member), Epoch, isize);
-
-/// The members' changes, from the changes at identities.
-pub fn members<'s>(
-    at_identities: Stream<'s, Epoch, Vec<(IdKey, AtAnchor, Epoch, isize)>>,
-) -> Stream<'s, Epoch, Vec<MemberChange>> {
-    at_identities.unary_frontier::<CapacityContainerBuilder<Vec<MemberChange>>, _, _, _>(
-        Exchange::new(|(identity, _, _, _): &(IdKey, AtAnchor, Epoch, isize)| *identity),
-        "Members",
-        |_initial, _info| {
-            let mut gate = EpochGate::default();
-            let mut anchors: FxHashMap<IdKey, Anchor> = FxHashMap::default();
-            move |(input, frontier), output| {
-                input.for_each(|cap, data| {
-                    gate.push_timed(cap.retain_least(0), data.drain(..), |(i, c, t, d)| {
-                        (t, (i, c, d))
-                    })
-                });
-                while let Some((cap, changes)) = gate.next_complete(frontier) {
-                    let epoch = *cap.time();
-                    let mut by_identity: FxHashMap<IdKey, Vec<(AtAnchor, isize)>> =
-                        FxHashMap::default();
-                    for (identity, change, diff) in changes {
-                        by_identity
-                            .entry(identity)
-                            .or_default()
-                            .push((change, diff));
-                    }
-                    let mut session = output.session(&cap);
-                    for (identity, changes) in by_identity {
-                        let anchor = anchors.entry(identity).or_insert_with(Anchor::new);
-                        let before = anchor.contribution();
-                        for (change, diff) in changes {
-                            match change {
-                                AtAnchor::Holder(p) => anchor.holders.update(p, diff),
-                                AtAnchor::Fragment(f) => anchor.fragments.update(f, diff),
-                                AtAnchor::Upload(a) => anchor.uploads.update(a, diff),
-                            }
-                        }
-                        let after = anchor.contribution();
-                        if anchor.is_empty() {
-                            anchors.remove(&identity);
-                        }
-                        for pair in before.iter().filter(|m| !after.contains(m)) {
-                            session.give((pair.clone(), epoch, -1));
-                        }
-                        for pair in after.into_iter().filter(|m| !before.contains(m)) {
-                            session.give((pair, epoch, 1));
-                        }
-                    }
-                }
-                gate.release(frontier);
-            }
-        },
-    )
-}

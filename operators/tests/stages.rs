@@ -11,12 +11,13 @@ use timely::dataflow::operators::core::input::Input as _;
 
 use streamdest_operators::export::{Membership, Status};
 use streamdest_operators::history::step::{self, Record};
+use streamdest_operators::identity::{AtIdentity, ToIdentity, identities};
 use streamdest_operators::input::{
     Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
 };
 use streamdest_operators::intern::intern;
-use streamdest_operators::link::{AtIdentity, Role, ToProfile, link};
-use streamdest_operators::members::{AtAnchor, MemberChange, members};
+use streamdest_operators::link::{MarkAt, Role, ToProfile};
+use streamdest_operators::members::MemberChange;
 use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{
     AttributeMerge, AudienceKind, AudiencePlan, Plan, Plans, PolicyPlan, Stitching,
@@ -299,7 +300,7 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
 }
 
 #[test]
-fn link_names_successors_and_resolves_marks_before_and_after() {
+fn identities_name_successors_and_resolve_marks_before_and_after() {
     // Epoch 0: identities 1, 2 in profile 1; 3 in profile 3. Epoch 1: 3 joins profile 1
     // (a merge), 2 moves to a new profile 2 (a split), and marks arrive.
     let holds = |i: IdKey, p: ProfileKey, d: isize, t: Epoch| {
@@ -322,42 +323,42 @@ fn link_names_successors_and_resolves_marks_before_and_after() {
             holds(2, 2, 1, 1),
             (
                 2,
-                AtIdentity::Fragment {
+                AtIdentity::Mark(MarkAt::Fragment {
                     before: true,
                     mark: mark(5),
-                },
+                }),
                 1,
             ),
             (
                 2,
-                AtIdentity::Fragment {
+                AtIdentity::Mark(MarkAt::Fragment {
                     before: false,
                     mark: mark(6),
-                },
+                }),
                 1,
             ),
             (
                 9,
-                AtIdentity::Fragment {
+                AtIdentity::Mark(MarkAt::Fragment {
                     before: false,
                     mark: mark(7),
-                },
+                }),
                 1,
             ),
             (
                 3,
-                AtIdentity::Upload {
+                AtIdentity::Mark(MarkAt::Upload {
                     policy: 0,
                     mark: mark(8),
-                },
+                }),
                 1,
             ),
         ],
     ];
     let captured = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Vec<(IdKey, AtIdentity, Epoch)>>();
-            (input, link(stream, true).capture())
+            let (input, stream) = scope.new_input::<Vec<ToIdentity>>();
+            (input, identities(stream, true).to_profiles.capture())
         });
         for (t, epoch) in sent.into_iter().enumerate() {
             input.advance_to(t as Epoch);
@@ -562,6 +563,13 @@ fn tombstone_exits_realized_audiences_at_the_newest_event() {
 
 #[test]
 fn members_follow_their_anchor_identity_and_uploads_every_holder() {
+    // What an identity is told, without the multiplicity.
+    #[derive(Clone)]
+    enum AtAnchor {
+        Holder(ProfileKey),
+        Fragment(FragRef),
+        Upload(u16),
+    }
     // A random history of changes at 6 identities: holders (profiles), anchored fragments and
     // uploads, each inserted and later retracted.
     let epochs = 40;
@@ -626,13 +634,18 @@ fn members_follow_their_anchor_identity_and_uploads_every_holder() {
     }
     let captured = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Vec<(IdKey, AtAnchor, Epoch, isize)>>();
-            (input, members(stream).capture())
+            let (input, stream) = scope.new_input::<Vec<ToIdentity>>();
+            (input, identities(stream, true).members.capture())
         });
         for (t, epoch) in history.into_iter().enumerate() {
             input.advance_to(t as Epoch);
-            for change in epoch {
-                input.send(change);
+            for (identity, change, t, diff) in epoch {
+                let change = match change {
+                    AtAnchor::Holder(profile) => AtIdentity::Holds { profile, diff },
+                    AtAnchor::Fragment(fragment) => AtIdentity::Fragment { fragment, diff },
+                    AtAnchor::Upload(audience) => AtIdentity::Upload { audience, diff },
+                };
+                input.send((identity, change, t));
             }
         }
         drop(input);
