@@ -43,8 +43,16 @@ impl<T: PartialEq + Clone> Counts<T> {
                     None => all.push((value, diff)),
                 }
                 all.retain(|(_, n)| *n != 0);
-                if all.is_empty() {
-                    *self = Counts::Empty;
+                // Back to the inline forms, so that a value replaced by another within an
+                // epoch (the usual change) leaves no allocation behind.
+                match all.len() {
+                    0 => *self = Counts::Empty,
+                    1 => {
+                        if let Some((v, n)) = all.pop() {
+                            *self = Counts::One(v, n);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -95,3 +103,26 @@ impl Anchor {
 }
 
 pub type MemberChange = ((ProfileKey, Member), Epoch, isize);
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn counts_return_to_the_inline_forms() {
+        let mut c = Counts::default();
+        c.update(1u64, 1);
+        // A replacement within an epoch: the new value first, then the old one retracted.
+        c.update(2, 1);
+        assert!(matches!(c, Counts::Many(_)));
+        c.update(1, -1);
+        assert!(matches!(c, Counts::One(2, 1)));
+        assert_eq!(c.present().collect::<Vec<_>>(), vec![&2]);
+        // A retraction before its insertion (any order within an epoch) keeps the count.
+        c.update(3, -1);
+        c.update(3, 1);
+        assert!(matches!(c, Counts::One(2, 1)));
+        c.update(2, -1);
+        assert!(c.is_empty());
+    }
+}
