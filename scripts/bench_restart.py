@@ -4,20 +4,21 @@ after FACTOR times as many updates (issue #7: restart is bounded by the state he
 history, so the two should be within 1.5x of each other).
 
     scripts/bench_restart.py [--profiles 100000] [--factor 10] [--workers 2]
-                             [--bin target/release/streamdest] [--connections 4]
+                             [--bin target/release/streamdest] [--connections 4] [--work DIR]
 
 The workload is scripts/gen_history.py's (two fragments a person joined by email, 20 rule
 audiences, one destination mapping them all); the endpoint is `streamdest bench --serve-only`.
 Events are posted as NDJSON, 5,000 a request. After each phase the script waits until the
-service is idle (no new epoch, nothing pending for 2 s), stops it with SIGTERM, starts it
-again and times the start until the `state rebuilt` line (snapshot loaded and the log after
-it replayed through the dataflow). Prints one table row per phase.
+service is idle (no new epoch, nothing pending and no snapshot being written for 2 s), stops
+it with SIGTERM, starts it again and times the start until the `state rebuilt` line (snapshot
+loaded and the log after it replayed through the dataflow). Prints one table row per phase.
 """
 import argparse
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,10 +68,12 @@ def wait_idle(host, port, quiet=2.0):
     last, since = None, time.time()
     while True:
         m = metrics(host, port)
-        state = (m.get("streamdest_epochs_total"), m.get("streamdest_backlog_exports"))
+        state = (m.get("streamdest_epochs_total"), m.get("streamdest_backlog_exports"),
+                 m.get("streamdest_snapshot_writing"))
         if state != last:
             last, since = state, time.time()
-        elif time.time() - since >= quiet and (m.get("streamdest_backlog_exports") or 0) == 0:
+        elif (time.time() - since >= quiet and (m.get("streamdest_backlog_exports") or 0) == 0
+              and not m.get("streamdest_snapshot_writing")):
             return m
         time.sleep(0.2)
 
@@ -157,14 +160,18 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--bin", default=os.path.join(HERE, "..", "target", "release", "streamdest"))
+    p.add_argument("--work", help="a directory to keep the generated history in and reuse it "
+                   "from (same --profiles and --factor); default: a new temporary directory")
     args = p.parse_args()
 
-    work = tempfile.mkdtemp(prefix="sd-restart-")
+    work = args.work or tempfile.mkdtemp(prefix="sd-restart-")
     load_events = 2 * args.profiles
     updates = args.factor * load_events
-    subprocess.run([sys.executable, os.path.join(HERE, "gen_history.py"), work,
-                    str(args.profiles), str(updates)], check=True)
     events_file = os.path.join(work, "events.ndjson")
+    if not os.path.exists(events_file):
+        subprocess.run([sys.executable, os.path.join(HERE, "gen_history.py"), work,
+                        str(args.profiles), str(updates)], check=True)
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
 
     def lines(start, stop):
         import itertools

@@ -9,6 +9,7 @@
 //! | `streamdest_epochs_total` | counter | dataflow epochs closed |
 //! | `streamdest_wal_bytes` | gauge | bytes in the write-ahead log |
 //! | `streamdest_wal_position` | gauge | the log's next position: records durable so far, counted from the log's first |
+//! | `streamdest_snapshot_writing` | gauge | 1 while a snapshot is being written, else 0 |
 //! | `streamdest_exports_total{destination}` | counter | exports submitted to the egress |
 //! | `streamdest_deliveries_total{destination}` | counter | exports delivered |
 //! | `streamdest_retries_total{destination}` | counter | attempts beyond the first |
@@ -50,6 +51,8 @@ pub struct MetricsSnapshot {
     pub wal_bytes: u64,
     /// The write-ahead log's next position (one past the last durable record).
     pub wal_position: u64,
+    /// Whether a snapshot is being written.
+    pub snapshot_writing: bool,
     /// Per destination id.
     pub destinations: BTreeMap<String, DestinationMetrics>,
 }
@@ -214,6 +217,12 @@ impl Collector for SnapshotCollector {
             "The write-ahead log's next position (one past the last durable record).",
             s.wal_position,
         )?;
+        gauge(
+            &mut encoder,
+            "streamdest_snapshot_writing",
+            "1 while a snapshot is being written, else 0.",
+            u64::from(s.snapshot_writing),
+        )?;
         use MetricType::{Counter, Gauge};
         self.per_destination(
             &mut encoder,
@@ -317,6 +326,7 @@ mod tests {
             epochs: 5,
             wal_bytes: 1024,
             wal_position: 17,
+            snapshot_writing: true,
             destinations,
         }
     }
@@ -346,6 +356,7 @@ mod tests {
             "# TYPE streamdest_wal_bytes gauge",
             "streamdest_wal_bytes 1024",
             "# TYPE streamdest_wal_position gauge",
+            "streamdest_snapshot_writing 1",
             "# TYPE streamdest_exports_total counter",
             "streamdest_exports_total{destination=\"dest-a\"} 10",
             "streamdest_deliveries_total{destination=\"dest-a\"} 7",

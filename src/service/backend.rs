@@ -219,6 +219,7 @@ impl Backend for Service {
             epochs: self.feed.epochs.load(Ordering::Relaxed),
             wal_bytes: wal.disk_bytes(),
             wal_position: wal.next_position(),
+            snapshot_writing: self.feed.snapshot_writing.load(Ordering::Relaxed),
             destinations: stats
                 .destinations
                 .iter()

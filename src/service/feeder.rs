@@ -96,11 +96,12 @@ pub struct Start {
     pub uploads: HashSet<(AudienceIdx, IdKey)>,
 }
 
-/// When to take a snapshot: once replaying the log since the last one would cost about half as
-/// much as loading a snapshot — half as many events as the state holds fragments (at least
-/// `events`) — or after `records` log records or `bytes` of log, whichever comes first. A
-/// restart then costs at most about one and a half loads of the state, however long the
-/// history.
+/// When to take a snapshot: once replaying the log since the last one would cost about a
+/// quarter of loading a snapshot — a quarter as many events as the state holds fragments (at
+/// least `events`) — or after `records` log records or `bytes` of log, whichever comes first.
+/// A restart then costs at most about one and a quarter loads of the state, however long the
+/// history; snapshots, each written whole, cost about four states' worth of writing per
+/// state's worth of events.
 #[derive(Clone, Copy, Debug)]
 pub struct SnapshotPolicy {
     pub records: u64,
@@ -243,6 +244,11 @@ impl Feeder {
                 None => Duration::from_millis(50),
             };
             if self.wal.next_position() == position {
+                if open.is_none() {
+                    // Idle: a snapshot that fell due while the writer was busy is taken once
+                    // it is free, not only when the next record comes.
+                    self.maybe_snapshot(&control, &mut state, position)?;
+                }
                 std::thread::park_timeout(wait);
             }
         }
@@ -289,7 +295,7 @@ impl Feeder {
         let replay_cost = fed.saturating_sub(events);
         let due = position.saturating_sub(at) >= self.snapshots.records
             || self.wal.disk_bytes().saturating_sub(bytes) >= self.snapshots.bytes
-            || replay_cost >= self.snapshots.events.max(state.fragments.len() as u64 / 2);
+            || replay_cost >= self.snapshots.events.max(state.fragments.len() as u64 / 4);
         if !due {
             return Ok(());
         }
