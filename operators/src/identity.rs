@@ -125,7 +125,7 @@ fn apply_epoch(
             match change {
                 AtIdentity::Holds { profile, diff } => anchor.holders.update(profile, diff),
                 AtIdentity::Fragment { fragment, diff } => anchor.fragments.update(fragment, diff),
-                AtIdentity::Upload { audience, diff } => anchor.uploads.update(audience, diff),
+                AtIdentity::Upload { audience, diff } => anchor.upload(audience, diff),
                 AtIdentity::Mark(_) => {}
             }
         }

@@ -73,17 +73,27 @@ impl<T: PartialEq + Clone> Counts<T> {
     }
 }
 
-/// What one identity holds.
+/// What one identity holds. Uploads are rare, so they are kept out of line: every identity of
+/// the state has an entry.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Anchor {
     pub(crate) holders: Counts<ProfileKey>,
     pub(crate) fragments: Counts<FragRef>,
-    pub(crate) uploads: Counts<AudienceIdx>,
+    uploads: Option<Box<Counts<AudienceIdx>>>,
 }
 
 impl Anchor {
     pub(crate) fn is_empty(&self) -> bool {
-        self.holders.is_empty() && self.fragments.is_empty() && self.uploads.is_empty()
+        self.holders.is_empty() && self.fragments.is_empty() && self.uploads.is_none()
+    }
+
+    /// Updates the identity's membership of an upload audience.
+    pub(crate) fn upload(&mut self, audience: AudienceIdx, diff: isize) {
+        let uploads = self.uploads.get_or_insert_with(Box::default);
+        uploads.update(audience, diff);
+        if uploads.is_empty() {
+            self.uploads = None;
+        }
     }
 
     /// The `(profile, member)` pairs this identity contributes.
@@ -93,7 +103,12 @@ impl Anchor {
             .present()
             .cloned()
             .map(Member::Fragment)
-            .chain(self.uploads.present().map(|a| Member::Upload(*a)))
+            .chain(
+                self.uploads
+                    .iter()
+                    .flat_map(|u| u.present())
+                    .map(|a| Member::Upload(*a)),
+            )
             .collect();
         self.holders
             .present()

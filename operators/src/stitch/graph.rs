@@ -17,15 +17,34 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::input::{IdKey, ProfileKey};
 use crate::members::Counts;
 
-/// One identity in the graph.
-#[derive(Debug, Default)]
+/// One identity in the graph (40 bytes: the graph holds every identity on one worker).
+#[derive(Debug)]
 struct Node {
+    /// Its component's label once settled, else [`UNSETTLED`].
+    label: ProfileKey,
     /// The fragments holding the identity (a count; the node exists while it is positive).
-    held: isize,
+    held: i32,
     /// The identities it is linked to, with multiplicities.
     links: Counts<IdKey>,
-    /// Its component's label, once settled.
-    label: Option<ProfileKey>,
+}
+
+/// The label of a node not yet settled: no identity key has the top bit set.
+const UNSETTLED: ProfileKey = u64::MAX;
+
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            label: UNSETTLED,
+            held: 0,
+            links: Counts::default(),
+        }
+    }
+}
+
+impl Node {
+    fn label(&self) -> Option<ProfileKey> {
+        (self.label != UNSETTLED).then_some(self.label)
+    }
 }
 
 /// The identity graph and its component labels (see the module doc).
@@ -43,7 +62,11 @@ impl Graph {
             return;
         };
         for &identity in identities {
-            self.nodes.entry(identity).or_default().held += diff;
+            debug_assert!(
+                identity != UNSETTLED,
+                "identity keys keep the top bit clear"
+            );
+            self.nodes.entry(identity).or_default().held += diff as i32;
             self.touched.push(identity);
             if identity != hub {
                 self.link(hub, identity, diff);
@@ -69,7 +92,7 @@ impl Graph {
                 && node.held <= 0
             {
                 debug_assert!(node.held == 0 && node.links.is_empty(), "{node:?}");
-                if let Some(label) = node.label {
+                if let Some(label) = node.label() {
                     change(*identity, label, -1);
                 }
                 self.nodes.remove(identity);
@@ -87,12 +110,12 @@ impl Graph {
                 let Some(node) = self.nodes.get_mut(&identity) else {
                     continue;
                 };
-                if node.label != Some(label) {
-                    if let Some(old) = node.label {
+                if node.label != label {
+                    if let Some(old) = node.label() {
                         change(identity, old, -1);
                     }
                     change(identity, label, 1);
-                    node.label = Some(label);
+                    node.label = label;
                 }
             }
         }
@@ -115,7 +138,7 @@ impl Graph {
 
     /// The identities held, with their labels (for tests and snapshots of state).
     pub fn labels(&self) -> impl Iterator<Item = (IdKey, Option<ProfileKey>)> + '_ {
-        self.nodes.iter().map(|(i, n)| (*i, n.label))
+        self.nodes.iter().map(|(i, n)| (*i, n.label()))
     }
 
     /// How many identities the graph holds.
@@ -160,6 +183,11 @@ mod tests {
         keys.into_iter()
             .map(|k| (k, find(&mut parent, k)))
             .collect()
+    }
+
+    #[test]
+    fn a_node_is_compact() {
+        assert_eq!(std::mem::size_of::<Node>(), 40);
     }
 
     #[test]
