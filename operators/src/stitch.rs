@@ -3,12 +3,12 @@
 //! `privateGraph` is incremental connected components over the identities: a fragment links the
 //! identities it holds, and a profile is a component, named by its smallest identity key; a
 //! fragment belongs to the component of its identities. A keyed stage holds the graph and, at
-//! each epoch, relabels the components the epoch's identity-set changes touched: merges and
-//! splits alike ([`graph`]). An attribute-only write changes no identity set and never reaches
+//! each epoch, relabels the components the epoch's identity-set changes touched: walking those
+//! that may have split, joining by union-find those that only gained ([`graph`]). An attribute-only write changes no identity set and never reaches
 //! it.
 //!
 //! `none` puts each fragment in the profile of its primary identity, with no arrangement at all.
-//! Which fragments each profile then has is [`crate::members`]'s business.
+//! Which fragments each profile then has is [`crate::identity`]'s business.
 
 mod graph;
 

@@ -5,12 +5,20 @@
 //! link the same pair), and each identity's component label: its component's smallest key.
 //!
 //! Changes are applied a batch (an epoch) at a time. [`Graph::update`] applies one fragment's
-//! identity set, inserted or retracted, and notes the identities it touched; [`Graph::settle`]
-//! then walks the components that hold touched identities in the new graph and relabels them.
-//! That is enough: an identity whose component gained a link is connected to the link's ends,
-//! and one whose component lost a link (a split) or an identity (a removed minimum) is still
-//! connected to an end of a removed link. So the cost of a batch is the size of the components
-//! it touches, nothing else; a write that changes no identity set never arrives here.
+//! identity set, inserted or retracted, and notes the identities it touched and those that
+//! lost something; [`Graph::settle`] then relabels, in three steps:
+//!
+//! 1. **remove**: identities no fragment holds any more leave;
+//! 2. **split**: a component that lost a link or an identity may have split, so it is walked
+//!    from the identities that lost something, in the new graph, and each part is named by its
+//!    minimum (every part holds one of them: a path to a removed link ends at its end);
+//! 3. **merge**: the components that only gained are joined by union-find over the touched
+//!    identities and their old labels; each group takes the least old label or new key, and
+//!    only the old components whose label changes are walked to relabel them.
+//!
+//! So a batch costs the components it splits and those it relabels: a fragment that joins a
+//! large component costs nothing more unless it brings that component a smaller key (as in
+//! label propagation); a write that changes no identity set never arrives here.
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -53,6 +61,34 @@ pub struct Graph {
     nodes: FxHashMap<IdKey, Node>,
     /// Identities touched since the last [`Graph::settle`].
     touched: Vec<IdKey>,
+    /// Of those, the ones that lost a link or a holding fragment.
+    shrunk: Vec<IdKey>,
+    /// Identities visited by walks so far: the stage's work beyond the touched identities.
+    walked: u64,
+}
+
+/// The root of `x` in a union-find forest kept as a parent map (absent: a root).
+fn find(parent: &mut FxHashMap<IdKey, IdKey>, x: IdKey) -> IdKey {
+    let mut root = x;
+    while let Some(&p) = parent.get(&root) {
+        root = p;
+    }
+    let mut at = x;
+    while let Some(&p) = parent.get(&at) {
+        if p == root {
+            break;
+        }
+        parent.insert(at, root);
+        at = p;
+    }
+    root
+}
+
+fn union(parent: &mut FxHashMap<IdKey, IdKey>, a: IdKey, b: IdKey) {
+    let (a, b) = (find(parent, a), find(parent, b));
+    if a != b {
+        parent.insert(a.max(b), a.min(b));
+    }
 }
 
 impl Graph {
@@ -68,6 +104,9 @@ impl Graph {
             );
             self.nodes.entry(identity).or_default().held += diff as i32;
             self.touched.push(identity);
+            if diff < 0 {
+                self.shrunk.push(identity);
+            }
             if identity != hub {
                 self.link(hub, identity, diff);
                 self.link(identity, hub, diff);
@@ -86,8 +125,25 @@ impl Graph {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         touched.dedup();
-        // Identities no fragment holds any more leave, with their labels.
-        for identity in &touched {
+        let mut shrunk = std::mem::take(&mut self.shrunk);
+        shrunk.sort_unstable();
+        shrunk.dedup();
+        self.remove_unheld(&touched, &mut change);
+        let visited = self.split(&shrunk, &mut change);
+        let grown: Vec<IdKey> = touched
+            .into_iter()
+            .filter(|i| !visited.contains(i) && self.nodes.contains_key(i))
+            .collect();
+        self.merge(&grown, &mut change);
+    }
+
+    /// Identities no fragment holds any more leave, with their labels.
+    fn remove_unheld(
+        &mut self,
+        touched: &[IdKey],
+        change: &mut impl FnMut(IdKey, ProfileKey, isize),
+    ) {
+        for identity in touched {
             if let Some(node) = self.nodes.get(identity)
                 && node.held <= 0
             {
@@ -98,33 +154,114 @@ impl Graph {
                 self.nodes.remove(identity);
             }
         }
+    }
+
+    /// The components that lost a link or an identity may have split: walks each from the
+    /// identities that lost something and names it by its minimum. Returns what it walked.
+    fn split(
+        &mut self,
+        shrunk: &[IdKey],
+        change: &mut impl FnMut(IdKey, ProfileKey, isize),
+    ) -> FxHashSet<IdKey> {
         let mut visited = FxHashSet::default();
         let mut component = Vec::new();
-        for start in touched {
+        for &start in shrunk {
             if !self.nodes.contains_key(&start) || !visited.insert(start) {
                 continue;
             }
             self.walk(start, &mut visited, &mut component);
             let label = component.iter().copied().min().unwrap_or(start);
             for identity in component.drain(..) {
-                let Some(node) = self.nodes.get_mut(&identity) else {
-                    continue;
-                };
-                if node.label != label {
-                    if let Some(old) = node.label() {
-                        change(identity, old, -1);
+                self.relabel(identity, label, change);
+            }
+        }
+        visited
+    }
+
+    /// The components that only gained links and identities: the old components an epoch's
+    /// new links join (found by union-find over the touched identities and their old labels)
+    /// take the least of their labels and new identities' keys, and only the components whose
+    /// label changes are walked. A fragment joining a large component costs nothing more
+    /// unless it brings a smaller identity.
+    fn merge(&mut self, grown: &[IdKey], change: &mut impl FnMut(IdKey, ProfileKey, isize)) {
+        let grown_set: FxHashSet<IdKey> = grown.iter().copied().collect();
+        let mut parent: FxHashMap<IdKey, IdKey> = FxHashMap::default();
+        for &identity in grown {
+            let Some(node) = self.nodes.get(&identity) else {
+                continue;
+            };
+            if let Some(label) = node.label() {
+                union(&mut parent, identity, label);
+            }
+            for &next in node.links.present() {
+                if grown_set.contains(&next) {
+                    union(&mut parent, identity, next);
+                }
+            }
+        }
+        // Per group: its identities (the touched ones) and the least key or old label.
+        let mut groups: FxHashMap<IdKey, (Vec<IdKey>, ProfileKey)> = FxHashMap::default();
+        for &identity in grown {
+            let root = find(&mut parent, identity);
+            let Some(node) = self.nodes.get(&identity) else {
+                continue;
+            };
+            let least = node.label().unwrap_or(identity);
+            let group = groups.entry(root).or_insert((Vec::new(), least));
+            group.0.push(identity);
+            group.1 = group.1.min(least);
+        }
+        let mut stack = Vec::new();
+        for (members, label) in groups.into_values() {
+            for identity in members {
+                let old = self.nodes.get(&identity).and_then(Node::label);
+                match old {
+                    None => self.relabel(identity, label, change),
+                    // The rest of an old component that takes another label.
+                    Some(old) if old != label => {
+                        stack.push(identity);
+                        while let Some(at) = stack.pop() {
+                            let Some(node) = self.nodes.get(&at) else {
+                                continue;
+                            };
+                            if node.label != old {
+                                continue;
+                            }
+                            stack.extend(node.links.present().copied());
+                            self.walked += 1;
+                            self.relabel(at, label, change);
+                        }
                     }
-                    change(identity, label, 1);
-                    node.label = label;
+                    Some(_) => {}
                 }
             }
         }
     }
 
+    /// Gives `identity` the label `label`, saying so if it changes.
+    fn relabel(
+        &mut self,
+        identity: IdKey,
+        label: ProfileKey,
+        change: &mut impl FnMut(IdKey, ProfileKey, isize),
+    ) {
+        let Some(node) = self.nodes.get_mut(&identity) else {
+            return;
+        };
+        if node.label != label {
+            if let Some(old) = node.label() {
+                change(identity, old, -1);
+            }
+            change(identity, label, 1);
+            node.label = label;
+        }
+    }
+
     /// Collects `start`'s component into `component`, marking it visited.
-    fn walk(&self, start: IdKey, visited: &mut FxHashSet<IdKey>, component: &mut Vec<IdKey>) {
+    fn walk(&mut self, start: IdKey, visited: &mut FxHashSet<IdKey>, component: &mut Vec<IdKey>) {
         let mut stack = vec![start];
         while let Some(identity) = stack.pop() {
+            self.walked += 1;
             component.push(identity);
             if let Some(node) = self.nodes.get(&identity) {
                 for &next in node.links.present() {
@@ -139,6 +276,11 @@ impl Graph {
     /// The identities held, with their labels (for tests and snapshots of state).
     pub fn labels(&self) -> impl Iterator<Item = (IdKey, Option<ProfileKey>)> + '_ {
         self.nodes.iter().map(|(i, n)| (*i, n.label()))
+    }
+
+    /// How many identities walks have visited since the graph was made.
+    pub fn walked(&self) -> u64 {
+        self.walked
     }
 
     /// How many identities the graph holds.
@@ -183,6 +325,33 @@ mod tests {
         keys.into_iter()
             .map(|k| (k, find(&mut parent, k)))
             .collect()
+    }
+
+    #[test]
+    fn joining_a_large_component_walks_it_only_to_relabel_it() {
+        let mut graph = Graph::default();
+        // One component of 10,001 identities: 10,000 fragments linking 1000 + i to 500.
+        for i in 0..10_000 {
+            graph.update(&[500, 1_000 + i], 1);
+        }
+        graph.settle(|_, _, _| {});
+        let walked = graph.walked();
+        // A fragment with a new, larger identity: labelled directly, nothing walked.
+        graph.update(&[20_000, 7_000], 1);
+        let mut changes = Vec::new();
+        graph.settle(|i, l, d| changes.push((i, l, d)));
+        assert_eq!(changes, vec![(20_000, 500, 1)]);
+        assert_eq!(graph.walked(), walked);
+        // A smaller identity joins: the whole component is relabelled, so walked.
+        graph.update(&[7, 1_234], 1);
+        let mut relabelled = 0;
+        graph.settle(|_, l, d| relabelled += usize::from(l == 7 && d == 1));
+        assert_eq!(relabelled, 10_003);
+        assert_eq!(graph.walked(), walked + 10_002);
+        // A deletion may split: the component is walked from the identities that lost a link.
+        graph.update(&[7, 1_234], -1);
+        graph.settle(|_, _, _| {});
+        assert_eq!(graph.walked(), walked + 10_002 + 10_002);
     }
 
     #[test]
