@@ -6,7 +6,7 @@
 //!  uploads, marks ──────┘                       └─► successors, marks ─► route (crate::link)
 //! ```
 //!
-//! Per identity it holds an [`Anchor`]: the profile(s) holding it, the fragments anchored at
+//! Per identity it holds an `Anchor` ([`crate::members`]): the profile(s) holding it, the fragments anchored at
 //! it and the audiences it is uploaded to. Once an epoch is complete it applies the epoch's
 //! changes identity by identity and says two things: to `views`, the change of each touched
 //! identity's contribution `(profile, member) ± 1` ([`crate::members`]); to the profiles, the

@@ -1,7 +1,7 @@
 //! Members: which fragments and upload memberships each profile has, as one identity holds
 //! them.
 //!
-//! An [`Anchor`] is what the identity stage ([`crate::identity`]) keeps per identity: the
+//! An `Anchor` is what the identity stage ([`crate::identity`]) keeps per identity: the
 //! profile(s) holding it (from stitching), the fragments anchored at it (`privateGraph`: a
 //! fragment lies in its anchor identity's component) and the audiences it is uploaded to. Its
 //! *contribution* is the `(profile, member)` pairs it gives: a fragment moves with its anchor's

@@ -10,7 +10,7 @@
 //! `none` puts each fragment in the profile of its primary identity, with no arrangement at all.
 //! Which fragments each profile then has is [`crate::identity`]'s business.
 
-mod graph;
+pub mod graph;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::container::CapacityContainerBuilder;
