@@ -519,6 +519,75 @@ async fn a_restart_resumes_from_a_snapshot_and_its_outbox() {
     assert_eq!(svc.sigterm(), Some(0));
 }
 
+/// A snapshot that falls due while the writer is busy is taken once the writer is free, even
+/// if no more input comes: after a burst (a snapshot due at every record), the idle service's
+/// last snapshot is at the end of its log, so a restart replays none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_service_snapshots_up_to_the_end_of_its_log() {
+    let endpoint = TestServer::always(Reply::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &config(&endpoint.url("")));
+    // Each snapshot takes 300 ms to write, so the burst's last records find the writer busy.
+    let svc = Service::start_with_env(
+        &cfg,
+        &dir.path().join("data"),
+        &["--snapshot-every", "1"],
+        &[("STREAMDEST_TEST_SNAPSHOT_DELAY_MS", "300")],
+    );
+    let burst: Vec<std::thread::JoinHandle<()>> = (0..4)
+        .map(|t| {
+            let addr = svc.addr;
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    let body = Value::from(vec![person(&format!("p{t}-{i}"), "John")]);
+                    let (status, _) = support::service::http(
+                        addr,
+                        "POST",
+                        "/v1/events",
+                        &[("Content-Type", "application/json")],
+                        &body.to_string(),
+                    );
+                    assert_eq!(status, 202);
+                }
+            })
+        })
+        .collect();
+    for t in burst {
+        t.join().expect("poster");
+    }
+    // Idle: no snapshot being written, 10 looks in a row.
+    let deadline = Instant::now() + WAIT;
+    let mut quiet = 0;
+    while quiet < 10 {
+        let (_, metrics) = svc.request("GET", "/metrics", &[], "");
+        let writing = !metrics.contains("streamdest_snapshot_writing 0");
+        quiet = if writing { 0 } else { quiet + 1 };
+        assert!(Instant::now() < deadline, "still writing snapshots");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(svc.sigterm(), Some(0));
+    // The restart reads no log: its last snapshot was taken at the end.
+    let svc = Service::start(&cfg, &dir.path().join("data"), &["--snapshot-every", "1"]);
+    let deadline = Instant::now() + WAIT;
+    let rebuilt = loop {
+        let log = svc.stderr();
+        if let Some(line) = log.lines().find(|l| l.contains("state rebuilt")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no rebuild line: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let range = rebuilt
+        .split("log positions ")
+        .nth(1)
+        .and_then(|r| r.strip_suffix(')'))
+        .and_then(|r| r.split_once(".."))
+        .map(|(a, b)| (a.to_string(), b.to_string()));
+    let (from, to) = range.unwrap_or_else(|| panic!("no positions in {rebuilt:?}"));
+    assert_eq!(from, to, "the restart replayed log positions {from}..{to}");
+    assert_eq!(svc.sigterm(), Some(0));
+}
+
 /// A random history with merges (a shared fragment joins two people), splits (it is deleted),
 /// deletes, renames and uploads, every event with its own timestamp.
 fn random_history(seed: u64, people: usize, events: usize) -> Vec<Value> {

@@ -534,11 +534,13 @@ fn snapshot_writer(
     stats: Arc<FeedStats>,
 ) -> anyhow::Result<crossbeam_channel::Sender<Snapshot>> {
     let (tx, rx) = crossbeam_channel::bounded::<Snapshot>(0);
+    let delay = write_delay();
     std::thread::Builder::new()
         .name("snapshot".into())
         .spawn(move || {
             for snapshot in rx {
                 stats.snapshot_writing.store(true, Ordering::Release);
+                std::thread::sleep(delay);
                 let started = Instant::now();
                 let position = snapshot.inputs.position;
                 let keep: HashSet<String> = snapshot
@@ -569,6 +571,15 @@ fn snapshot_writer(
         })
         .context("starting the snapshot writer")?;
     Ok(tx)
+}
+
+/// `STREAMDEST_TEST_SNAPSHOT_DELAY_MS`: a pause before each snapshot is written, so that a test
+/// can find the writer busy (as a large state keeps it). For tests only; zero when unset.
+fn write_delay() -> Duration {
+    std::env::var("STREAMDEST_TEST_SNAPSHOT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 /// Starts the hand-off thread; `failed` hears of the error it stops with, if any.

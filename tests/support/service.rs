@@ -28,8 +28,27 @@ impl Service {
         Service::try_start(config, data_dir, extra).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Starts the service with `env` added to its environment.
+    pub fn start_with_env(
+        config: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Service {
+        Service::spawn(config, data_dir, extra, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Starts the service; `Err` with its stderr when it exits before listening.
     pub fn try_start(config: &Path, data_dir: &Path, extra: &[&str]) -> Result<Service, String> {
+        Service::spawn(config, data_dir, extra, &[])
+    }
+
+    fn spawn(
+        config: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Service, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamdest"))
             .args(["run", "--config"])
             .arg(config)
@@ -37,6 +56,7 @@ impl Service {
             .arg(data_dir)
             .args(extra)
             .env_remove("STREAMDEST_API_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
