@@ -186,12 +186,6 @@ fn profiles<'s>(
 ) -> Decisions<'s> {
     let plan = plans.at(0);
     let scope = sources.fragment_marks.scope();
-    let holders = identity_profiles(
-        kind,
-        sources.fragments.clone(),
-        sources.identities.clone(),
-        meter,
-    );
     let mut member_changes = Vec::new();
     let mut to_profiles = Vec::new();
     if kind == Stitching::None {
@@ -201,6 +195,12 @@ fn profiles<'s>(
         to_profiles.push(marks);
     }
     if kind == Stitching::PrivateGraph || plan.has_uploads(kind) {
+        let holders = identity_profiles(
+            kind,
+            sources.fragments.clone(),
+            sources.identities.clone(),
+            meter,
+        );
         let at_identities = to_identities(plans, kind, &sources, holders);
         meter.stream("messages to identities", &at_identities);
         let out = identities(at_identities, kind == Stitching::PrivateGraph);
