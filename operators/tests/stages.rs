@@ -22,7 +22,7 @@ use streamdest_operators::meter::Meter;
 use streamdest_operators::plan::{
     AttributeMerge, AudienceKind, AudiencePlan, Plan, Plans, PolicyPlan, Stitching,
 };
-use streamdest_operators::stitch::components;
+use streamdest_operators::stitch::{Graph, components};
 use streamdest_operators::upsert::{Anchor, IdentitySet, upsert};
 use streamdest_operators::view::{Member, PolicyView, ProfileView, views};
 
@@ -98,7 +98,8 @@ fn messages<D>(
 }
 
 /// From scratch: each identity's component, named by its smallest identity key.
-fn union_find(fragments: &BTreeMap<FragKey, Arc<Fragment>>) -> BTreeMap<IdKey, ProfileKey> {
+/// Components from scratch: union-find over the identity sets, each named by its minimum.
+fn union_find(sets: impl IntoIterator<Item = Vec<IdKey>>) -> BTreeMap<IdKey, ProfileKey> {
     let mut parent: BTreeMap<IdKey, IdKey> = BTreeMap::new();
     fn find(parent: &mut BTreeMap<IdKey, IdKey>, x: IdKey) -> IdKey {
         let p = parent[&x];
@@ -109,15 +110,12 @@ fn union_find(fragments: &BTreeMap<FragKey, Arc<Fragment>>) -> BTreeMap<IdKey, P
         parent.insert(x, root);
         root
     }
-    for f in fragments.values() {
-        for i in &f.identities {
-            parent.entry(i.key()).or_insert(i.key());
+    for ids in sets {
+        for &i in &ids {
+            parent.entry(i).or_insert(i);
         }
-        for pair in f.identities.windows(2) {
-            let (a, b) = (
-                find(&mut parent, pair[0].key()),
-                find(&mut parent, pair[1].key()),
-            );
+        for pair in ids.windows(2) {
+            let (a, b) = (find(&mut parent, pair[0]), find(&mut parent, pair[1]));
             // The smaller key stays the root, so a root is its component's minimum.
             let (lo, hi) = if a < b { (a, b) } else { (b, a) };
             parent.insert(hi, lo);
@@ -127,6 +125,118 @@ fn union_find(fragments: &BTreeMap<FragKey, Arc<Fragment>>) -> BTreeMap<IdKey, P
     keys.into_iter()
         .map(|k| (k, find(&mut parent, k)))
         .collect()
+}
+
+/// Each fragment's identity keys.
+fn identity_sets(fragments: &BTreeMap<FragKey, Arc<Fragment>>) -> Vec<Vec<IdKey>> {
+    fragments
+        .values()
+        .map(|f| f.identities.iter().map(|i| i.key()).collect())
+        .collect()
+}
+
+#[test]
+fn graph_labels_follow_merges_splits_and_deletes_batch_by_batch() {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut below = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut graph = Graph::default();
+    let mut sets: BTreeMap<u64, Vec<IdKey>> = BTreeMap::new();
+    // The labels as the emitted changes say, to check the changes as well as the state.
+    let mut emitted: BTreeMap<(IdKey, ProfileKey), isize> = BTreeMap::new();
+    let (mut merges, mut splits) = (0, 0);
+    for _batch in 0..400 {
+        let components_before = union_find(sets.values().cloned())
+            .values()
+            .copied()
+            .collect::<Vec<_>>();
+        let before = components_before
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>();
+        // Several writes a batch, some to the same fragment: the graph sees the
+        // retraction of the old set and the insertion of the new, in any order.
+        let mut writes = Vec::new();
+        for _ in 0..1 + below(4) {
+            let fragment = below(30);
+            let new: Option<Vec<IdKey>> = (below(4) != 0).then(|| {
+                let mut ids: Vec<IdKey> = (0..1 + below(3)).map(|_| below(40)).collect();
+                ids.dedup();
+                ids
+            });
+            if let Some(old) = sets.remove(&fragment) {
+                writes.push((old, -1));
+            }
+            if let Some(new) = new {
+                writes.push((new.clone(), 1));
+                sets.insert(fragment, new);
+            }
+        }
+        if below(2) == 0 {
+            writes.reverse();
+        }
+        for (ids, diff) in writes {
+            graph.update(&ids, diff);
+        }
+        graph.settle(|i, l, d| {
+            let count = emitted.entry((i, l)).or_default();
+            *count += d;
+            if *count == 0 {
+                emitted.remove(&(i, l));
+            }
+        });
+        let expected = union_find(sets.values().cloned());
+        let after = expected.values().collect::<std::collections::BTreeSet<_>>();
+        merges += usize::from(after.len() < before.len());
+        splits += usize::from(after.len() > before.len());
+        let held: BTreeMap<IdKey, ProfileKey> = graph
+            .labels()
+            .map(|(i, l)| (i, l.expect("every identity held is labelled")))
+            .collect();
+        assert_eq!(held, expected);
+        let said: BTreeMap<IdKey, ProfileKey> = emitted
+            .iter()
+            .map(|(&(i, l), &n)| {
+                assert_eq!(n, 1, "identity {i} label {l}");
+                (i, l)
+            })
+            .collect();
+        assert_eq!(said, expected);
+    }
+    assert!(
+        merges > 20 && splits > 20,
+        "merges {merges}, splits {splits}"
+    );
+}
+
+#[test]
+fn graph_joining_a_large_component_walks_it_only_to_relabel_it() {
+    let mut graph = Graph::default();
+    // One component of 10,001 identities: 10,000 fragments linking 1000 + i to 500.
+    for i in 0..10_000 {
+        graph.update(&[500, 1_000 + i], 1);
+    }
+    graph.settle(|_, _, _| {});
+    let walked = graph.walked();
+    // A fragment with a new, larger identity: labelled directly, nothing walked.
+    graph.update(&[20_000, 7_000], 1);
+    let mut changes = Vec::new();
+    graph.settle(|i, l, d| changes.push((i, l, d)));
+    assert_eq!(changes, vec![(20_000, 500, 1)]);
+    assert_eq!(graph.walked(), walked);
+    // A smaller identity joins: the whole component is relabelled, so walked.
+    graph.update(&[7, 1_234], 1);
+    let mut relabelled = 0;
+    graph.settle(|_, l, d| relabelled += usize::from(l == 7 && d == 1));
+    assert_eq!(relabelled, 10_003);
+    assert_eq!(graph.walked(), walked + 10_002);
+    // A deletion may split: the component is walked from the identities that lost a link.
+    graph.update(&[7, 1_234], -1);
+    graph.settle(|_, _, _| {});
+    assert_eq!(graph.walked(), walked + 10_002 + 10_002);
 }
 
 #[test]
@@ -142,7 +252,10 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
         for _ in 0..3 {
             let key = rng.below(12) | (1 << 63);
             let old = current.get(&key).cloned();
-            let before = union_find(&current).values().collect::<BTreeSet<_>>().len();
+            let before = union_find(identity_sets(&current))
+                .values()
+                .collect::<BTreeSet<_>>()
+                .len();
             if rng.below(4) == 0 {
                 current.remove(&key);
             } else {
@@ -152,13 +265,16 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
                     fragment(key, &ids, t * 10 + writes.len() as u64, vec![]),
                 );
             }
-            let after = union_find(&current).values().collect::<BTreeSet<_>>().len();
+            let after = union_find(identity_sets(&current))
+                .values()
+                .collect::<BTreeSet<_>>()
+                .len();
             merges += usize::from(after < before);
             splits += usize::from(after > before && old.is_some());
             writes.push((key, old, current.get(&key).cloned()));
         }
         history.push(writes);
-        expected.push(union_find(&current));
+        expected.push(union_find(identity_sets(&current)));
     }
     assert!(
         merges > 5 && splits > 5,
