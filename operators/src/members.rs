@@ -17,17 +17,22 @@ use crate::plan::AudienceIdx;
 use crate::view::Member;
 
 /// A small multiset of `(value, count)`, with the one-value case (nearly every identity: one
-/// profile, one anchored fragment) kept inline.
+/// profile, one anchored fragment) kept inline and the rest out of line: every identity,
+/// graph node and profile holds some, so the enum is kept to 16 bytes for an 8-byte `T` (the
+/// counts are `i32`: a count is a number of fragments or of holders).
 #[derive(Clone, Debug, Default)]
 pub(crate) enum Counts<T> {
     #[default]
     Empty,
-    One(T, isize),
-    Many(Vec<(T, isize)>),
+    One(T, i32),
+    /// Two or more values; zero counts only while an epoch's changes are applied.
+    Many(Box<Vec<(T, i32)>>),
 }
 
 impl<T: PartialEq + Clone> Counts<T> {
     pub(crate) fn update(&mut self, value: T, diff: isize) {
+        // A diff is a count of fragments or holders: never near the i32 range.
+        let diff = diff as i32;
         match self {
             Counts::Empty => *self = Counts::One(value, diff),
             Counts::One(v, n) if *v == value => {
@@ -36,11 +41,18 @@ impl<T: PartialEq + Clone> Counts<T> {
                     *self = Counts::Empty;
                 }
             }
-            Counts::One(v, n) => *self = Counts::Many(vec![(v.clone(), *n), (value, diff)]),
+            Counts::One(v, n) => {
+                *self = Counts::Many(Box::new(vec![(v.clone(), *n), (value, diff)]))
+            }
             Counts::Many(all) => {
-                match all.iter_mut().find(|(v, _)| *v == value) {
-                    Some(slot) => slot.1 += diff,
-                    None => all.push((value, diff)),
+                match all.iter_mut().position(|(v, _)| *v == value) {
+                    Some(at) => all[at].1 += diff,
+                    None => {
+                        // Grown by one, not doubled: a few values stay many for long (a
+                        // profile's fragments).
+                        all.reserve_exact(1);
+                        all.push((value, diff));
+                    }
                 }
                 all.retain(|(_, n)| *n != 0);
                 // Back to the inline forms, so that a value replaced by another within an
@@ -58,11 +70,11 @@ impl<T: PartialEq + Clone> Counts<T> {
         }
     }
 
-    pub(crate) fn present(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn present(&self) -> impl Iterator<Item = &T> + Clone {
         let (one, many) = match self {
             Counts::Empty => (None, &[][..]),
             Counts::One(v, n) => ((*n > 0).then_some(v), &[][..]),
-            Counts::Many(all) => (None, all.as_slice()),
+            Counts::Many(all) => (None, &all[..]),
         };
         one.into_iter()
             .chain(many.iter().filter(|(_, n)| *n > 0).map(|(v, _)| v))
@@ -139,5 +151,27 @@ mod tests {
         assert!(matches!(c, Counts::One(2, 1)));
         c.update(2, -1);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn counts_keep_many_values_and_drop_zeroes() {
+        let mut c = Counts::default();
+        for v in [1u64, 2, 3] {
+            c.update(v, 1);
+        }
+        c.update(2, 1);
+        c.update(1, -1);
+        let present: Vec<_> = c.present().copied().collect();
+        assert_eq!(present, vec![2, 3]);
+        assert!(matches!(&c, Counts::Many(all) if all.len() == 2 && all[0] == (2, 2)));
+        c.update(3, -1);
+        assert!(matches!(c, Counts::One(2, 2)));
+    }
+
+    #[test]
+    fn counts_and_anchors_are_compact() {
+        // Held per identity, per graph node and per profile: their size is the state's size.
+        assert_eq!(std::mem::size_of::<Counts<u64>>(), 16);
+        assert_eq!(std::mem::size_of::<super::Anchor>(), 40);
     }
 }

@@ -143,7 +143,7 @@ pub fn views<'s>(
 ) -> Stream<'s, Epoch, Vec<ViewChange>> {
     #[derive(Default)]
     struct Profile {
-        members: Option<Counts<Member>>,
+        members: Counts<Member>,
         view: Option<Arc<ProfileView>>,
     }
     members.unary_frontier::<CapacityContainerBuilder<Vec<ViewChange>>, _, _, _>(
@@ -169,10 +169,7 @@ pub fn views<'s>(
                     }
                     for (profile, member, diff) in changes {
                         let state = profiles.entry(profile).or_default();
-                        state
-                            .members
-                            .get_or_insert_with(Counts::default)
-                            .update(member, diff);
+                        state.members.update(member, diff);
                         touched.push(profile);
                     }
                     touched.sort_unstable();
@@ -182,12 +179,7 @@ pub fn views<'s>(
                         let Some(state) = profiles.get_mut(&profile) else {
                             continue;
                         };
-                        let members = state
-                            .members
-                            .as_ref()
-                            .map(|m| m.present().collect::<Vec<_>>())
-                            .unwrap_or_default();
-                        let view = assemble(&plan, kind, members.into_iter()).map(Arc::new);
+                        let view = assemble(&plan, kind, state.members.present()).map(Arc::new);
                         if view != state.view {
                             if let Some(old) = state.view.take() {
                                 session.give((profile, old, epoch, -1));
@@ -197,7 +189,7 @@ pub fn views<'s>(
                             }
                             state.view = view;
                         }
-                        if state.members.as_ref().is_none_or(Counts::is_empty) {
+                        if state.members.is_empty() {
                             profiles.remove(&profile);
                         }
                     }

@@ -300,6 +300,6 @@ mod tests {
 
     #[test]
     fn a_node_is_compact() {
-        assert_eq!(std::mem::size_of::<Node>(), 40);
+        assert_eq!(std::mem::size_of::<Node>(), 32);
     }
 }
