@@ -230,7 +230,11 @@ pub fn parse_value(value: &Value) -> Result<Event, EventError> {
 /// An event resolved against the plan, ready for an epoch.
 #[derive(Debug, Clone)]
 pub enum Update {
-    Upsert(Arc<Fragment>),
+    /// A fragment's new version, and the mapped paths it has values for (the paths it writes).
+    Upsert {
+        fragment: Arc<Fragment>,
+        mapped: Vec<u16>,
+    },
     Delete {
         dataset: String,
         id: String,
@@ -268,35 +272,28 @@ impl Update {
                     identities.into_iter().map(|(i, _)| i).collect();
                 identities.sort();
                 identities.dedup();
-                // Held for the fragment's life: no spare capacity (an in-place collect keeps
-                // the larger allocation of its source).
-                identities.shrink_to_fit();
                 // Projection: leaves that no rule or mapping reads never reach an export.
-                let leaves: Vec<(Path, Leaf)> = flatten(&attributes)
+                let leaves: Box<[(Path, Leaf)]> = flatten(&attributes)
                     .into_iter()
                     .filter(|(path, _)| plan.reads(path))
                     .map(|(path, leaf)| (intern(&path), leaf))
                     .collect::<Vec<_>>()
-                    .into_iter()
-                    .collect::<Box<[_]>>()
-                    .into_vec();
-                let mut mapped: Vec<u16> = leaves
-                    .iter()
-                    .flat_map(|(p, _)| plan.mapped_indices_of(p))
-                    .collect();
-                mapped.sort_unstable();
-                mapped.dedup();
+                    .into_boxed_slice();
                 let primary = identities.binary_search(&primary).unwrap_or(0) as u32;
-                Update::Upsert(Arc::new(Fragment {
+                // Held for the fragment's life: exact-size slices.
+                let fragment = Fragment {
                     key: fragment_key(&dataset, &id),
                     dataset: intern(&dataset),
-                    identities,
+                    identities: identities.into_boxed_slice(),
                     primary,
                     leaves,
                     ts,
                     seq,
-                    mapped,
-                }))
+                };
+                Update::Upsert {
+                    mapped: fragment.mapped(plan),
+                    fragment: Arc::new(fragment),
+                }
             }
             Event::FragmentDelete { dataset, id, .. } => Update::Delete {
                 dataset,
@@ -337,7 +334,7 @@ impl Update {
     /// The key that decides which worker ingests the update.
     pub fn route(&self) -> u64 {
         match self {
-            Update::Upsert(f) => f.key(),
+            Update::Upsert { fragment, .. } => fragment.key(),
             Update::Delete { dataset, id, .. } => fragment_key(dataset, id),
             Update::Upload { audience, .. } => u64::from(*audience),
         }
@@ -389,8 +386,8 @@ impl EpochBuilder {
     pub fn add(&mut self, update: Update) {
         self.events += 1;
         match update {
-            Update::Upsert(fragment) => {
-                let mark = Mark::new(fragment.ts, fragment.seq, fragment.mapped.clone());
+            Update::Upsert { fragment, mapped } => {
+                let mark = Mark::new(fragment.ts, fragment.seq, mapped);
                 self.write_fragment(fragment.key(), Some(fragment), mark);
             }
             Update::Delete {

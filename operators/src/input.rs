@@ -69,6 +69,10 @@ pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
 
 /// One record of one dataset, as it stands after an upsert, projected to the attribute paths
 /// that some rule or mapping reads.
+///
+/// Every live version is held once, for its whole life (shared by [`FragRef`]s), so it is
+/// kept compact: exact-size slices, and nothing that the plan can tell (which mapped paths it
+/// has values for: [`Fragment::mapped`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fragment {
     /// [`fragment_key`] of `(dataset, id)`.
@@ -76,18 +80,16 @@ pub struct Fragment {
     /// Interned.
     pub dataset: Arc<str>,
     /// Sorted and deduplicated; never empty.
-    pub identities: Vec<Identity>,
+    pub identities: Box<[Identity]>,
     /// Index in `identities` of the identity flagged primary, else of the smallest.
     pub primary: u32,
     /// Leaves sorted by path.
-    pub leaves: Vec<(Path, Leaf)>,
+    pub leaves: Box<[(Path, Leaf)]>,
     /// Event time, microseconds since the Unix epoch.
     pub ts: i64,
     /// Ingest sequence number of the event that wrote it (ties in `ts` go to the larger).
     /// Unique per version: no two writes share a sequence number.
     pub seq: u64,
-    /// Indices into `Plan::mapped_paths` of the mapped paths this fragment has a value for.
-    pub mapped: Vec<u16>,
 }
 
 impl Fragment {
@@ -98,6 +100,12 @@ impl Fragment {
     /// The primary identity.
     pub fn primary(&self) -> &Identity {
         &self.identities[(self.primary as usize).min(self.identities.len().saturating_sub(1))]
+    }
+
+    /// Indices into `Plan::mapped_paths` of the mapped paths this fragment has a value for,
+    /// sorted.
+    pub fn mapped(&self, plan: &crate::plan::Plan) -> Vec<u16> {
+        plan.mapped_indices_of_all(self.leaves.iter().map(|(p, _)| &**p))
     }
 }
 

@@ -73,7 +73,7 @@ mod tests {
         Fragment {
             dataset: dataset.into(),
             key: crate::input::fragment_key(dataset, &format!("{dataset}-{seq}")),
-            identities: vec![Identity::new("email", "a")],
+            identities: vec![Identity::new("email", "a")].into(),
             primary: 0,
             leaves: leaves
                 .iter()
@@ -81,7 +81,6 @@ mod tests {
                 .collect(),
             ts,
             seq,
-            mapped: vec![],
         }
     }
 

@@ -83,13 +83,12 @@ fn identity_set(fragment: &Fragment) -> IdentitySet {
     fragment.identities.iter().map(|i| i.key()).collect()
 }
 
-/// Applies the writes. Under a dynamic plan the old version's mapped paths are taken from the
-/// plan of the epoch (paths may have become mapped since it was written).
+/// Applies the writes. The old version's mapped paths are those of the plan of the epoch
+/// (under a dynamic plan, paths may have become mapped since it was written).
 pub fn upsert<'s>(
     writes: Stream<'s, Epoch, Vec<(FragKey, FragmentWrite)>>,
     plans: Plans,
 ) -> Upserted<'s> {
-    let dynamic = plans.dynamic();
     let all = writes.unary_frontier::<CapacityContainerBuilder<Vec<Out>>, _, _, _>(
         Exchange::new(|(key, _): &(FragKey, FragmentWrite)| *key),
         "Upsert",
@@ -100,7 +99,7 @@ pub fn upsert<'s>(
                 input.for_each(|cap, data| gate.push(cap.retain_least(0), data));
                 while let Some((cap, writes)) = gate.next_complete(frontier) {
                     let epoch = *cap.time();
-                    let plan = dynamic.then(|| plans.at(epoch));
+                    let plan = plans.at(epoch);
                     let mut session = output.session(&cap);
                     for (key, write) in writes {
                         let old = match &write.value {
@@ -111,14 +110,7 @@ pub fn upsert<'s>(
                         let same_identities = matches!((&old, &write.value),
                             (Some(o), Some(n)) if o.identities == n.identities);
                         if let Some(old) = &old {
-                            match &plan {
-                                Some(plan) => {
-                                    mark.add_paths(&plan.mapped_indices_of_all(
-                                        old.leaves.iter().map(|(p, _)| &**p),
-                                    ))
-                                }
-                                None => mark.add_paths(&old.mapped),
-                            }
+                            mark.add_paths(&old.mapped(&plan));
                             session.give(Out::Fragment(((key, FragRef(old.clone())), epoch, -1)));
                             if !same_identities {
                                 session.give(Out::Identities((

@@ -16,6 +16,7 @@ use streamdest_operators::input::{
     Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
 };
 use streamdest_operators::intern::intern;
+use streamdest_operators::leaf::Leaf;
 use streamdest_operators::link::{MarkAt, Role, ToProfile};
 use streamdest_operators::members::MemberChange;
 use streamdest_operators::meter::Meter;
@@ -45,19 +46,19 @@ fn identity(n: u64) -> Identity {
     Identity::new("ns", &format!("i{n}"))
 }
 
-fn fragment(key: FragKey, identities: &[u64], seq: u64, mapped: Vec<u16>) -> Arc<Fragment> {
+/// A fragment version with a null leaf at each of `paths` (sorted).
+fn fragment(key: FragKey, identities: &[u64], seq: u64, paths: &[&str]) -> Arc<Fragment> {
     let mut identities: Vec<Identity> = identities.iter().map(|&i| identity(i)).collect();
     identities.sort();
     identities.dedup();
     Arc::new(Fragment {
         key,
         dataset: intern("d"),
-        identities,
+        identities: identities.into(),
         primary: 0,
-        leaves: Vec::new(),
+        leaves: paths.iter().map(|p| (intern(p), Leaf::Null)).collect(),
         ts: seq as i64,
         seq,
-        mapped,
     })
 }
 
@@ -260,10 +261,7 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
                 current.remove(&key);
             } else {
                 let ids: Vec<u64> = (0..1 + rng.below(3)).map(|_| rng.below(16)).collect();
-                current.insert(
-                    key,
-                    fragment(key, &ids, t * 10 + writes.len() as u64, vec![]),
-                );
+                current.insert(key, fragment(key, &ids, t * 10 + writes.len() as u64, &[]));
             }
             let after = union_find(identity_sets(&current))
                 .values()
@@ -325,9 +323,12 @@ fn components_match_union_find_through_merges_splits_and_deletes() {
 
 #[test]
 fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
-    let v1 = fragment(1 << 63, &[1, 2], 1, vec![0, 3]);
-    let v2 = fragment(1 << 63, &[5], 2, vec![1]);
-    let v3 = fragment(1 << 63, &[5], 3, vec![1]);
+    // Mapped paths m0..m3: a version's leaves at them are the paths it holds.
+    let mut plan = plan();
+    plan.mapped_paths = (0..4).map(|i| format!("m{i}")).collect();
+    let v1 = fragment(1 << 63, &[1, 2], 1, &["m0", "m3"]);
+    let v2 = fragment(1 << 63, &[5], 2, &["m1"]);
+    let v3 = fragment(1 << 63, &[5], 3, &["m1"]);
     let writes = vec![
         vec![(
             v1.key,
@@ -362,7 +363,7 @@ fn upsert_completes_marks_with_the_old_version_and_anchors_both_versions() {
     let (changes, identities, marks) = timely::execute_directly(move |worker| {
         let (mut input, captured) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, writes) = scope.new_input::<Vec<(FragKey, FragmentWrite)>>();
-            let upserted = upsert(writes, Plans::new(Arc::new(plan())));
+            let upserted = upsert(writes, Plans::new(Arc::new(plan)));
             let captured = (
                 upserted.fragments.inner.capture(),
                 upserted.identities.inner.capture(),
@@ -707,7 +708,7 @@ fn members_follow_their_anchor_identity_and_uploads_every_holder() {
                         (1 << 63) | (t * 8 + changes.len() as u64),
                         &[i],
                         t * 8 + changes.len() as u64,
-                        vec![],
+                        &[],
                     ))),
                     _ => AtAnchor::Upload(rng.below(2) as u16),
                 };
@@ -777,8 +778,8 @@ fn members_follow_their_anchor_identity_and_uploads_every_holder() {
 #[test]
 fn views_change_only_when_the_view_does() {
     let plan = plan();
-    let f1 = FragRef(fragment(1 << 63, &[1], 1, vec![]));
-    let f2 = FragRef(fragment(1 << 63 | 1, &[2], 2, vec![]));
+    let f1 = FragRef(fragment(1 << 63, &[1], 1, &[]));
+    let f2 = FragRef(fragment(1 << 63 | 1, &[2], 2, &[]));
     let changes = vec![
         vec![((7, Member::Fragment(f1.clone())), 0, 1)],
         // An upload qualifies the profile for audience 0: a new view.
@@ -852,8 +853,8 @@ fn views_recompute_every_profile_at_a_control_epoch() {
         });
         p
     };
-    let f7 = FragRef(fragment(1 << 63, &[1], 1, vec![]));
-    let f8 = FragRef(fragment(1 << 63 | 1, &[2], 2, vec![]));
+    let f7 = FragRef(fragment(1 << 63, &[1], 1, &[]));
+    let f8 = FragRef(fragment(1 << 63 | 1, &[2], 2, &[]));
     let changes: Vec<Vec<MemberChange>> = vec![
         vec![
             ((7, Member::Fragment(f7.clone())), 0, 1),

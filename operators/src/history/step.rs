@@ -131,6 +131,8 @@ pub fn decide(
                 });
             }
         }
+        // Records are kept until the profile's next change: no spare capacity.
+        memberships.shrink_to_fit();
         all.push(memberships);
     }
     Record {
