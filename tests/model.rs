@@ -1022,9 +1022,9 @@ fn payload(
     let mut identity_map: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for i in identities {
         identity_map
-            .entry(&i.namespace)
+            .entry(i.namespace())
             .or_default()
-            .push(json!({"id": i.id}));
+            .push(json!({"id": i.id()}));
     }
     out.insert("identityMap".into(), json!(identity_map));
     Value::Object(out)

@@ -222,18 +222,18 @@ pub fn encode(plan: &Plan, dest: DestinationIdx, candidate: &Candidate) -> Optio
     // Identities are sorted by (namespace, id): each namespace is one run.
     let mut namespace: Option<&str> = None;
     for identity in &candidate.view.identities {
-        if namespace == Some(&*identity.namespace) {
+        if namespace == Some(identity.namespace()) {
             out.push(b',');
         } else {
             if namespace.is_some() {
                 out.extend_from_slice(b"],");
             }
-            write_json(&mut out, &identity.namespace);
+            write_json(&mut out, identity.namespace());
             out.extend_from_slice(b":[");
-            namespace = Some(&identity.namespace);
+            namespace = Some(identity.namespace());
         }
         out.extend_from_slice(b"{\"id\":");
-        write_json(&mut out, &identity.id);
+        write_json(&mut out, identity.id());
         out.push(b'}');
     }
     if namespace.is_some() {

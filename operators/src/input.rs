@@ -8,7 +8,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
+use crate::intern::Namespace;
 use crate::leaf::{Leaf, Path};
 use crate::plan::AudienceIdx;
 
@@ -25,22 +27,32 @@ pub type ProfileKey = u64;
 
 /// An identity: a namespace and an id. Orders by `(namespace, id)`, comparing by code point.
 ///
-/// The namespace is interned; the id is shared by every copy; the node key is computed once.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Every fragment and view holds its identities, so an identity is 40 bytes and usually no
+/// allocation: the namespace is interned ([`Namespace`]), an id of up to 23 bytes is held
+/// inline (a longer one is shared by every copy), and the node key is computed once.
+#[derive(Clone)]
 pub struct Identity {
-    pub namespace: Arc<str>,
-    pub id: Arc<str>,
-    /// A function of the two above, so it never changes the order or equality.
+    id: SmolStr,
+    /// A function of the namespace and id, so it never changes the order or equality.
     key: IdKey,
+    namespace: Namespace,
 }
 
 impl Identity {
     pub fn new(namespace: &str, id: &str) -> Self {
         Identity {
             key: stable_hash(&(0u8, namespace, id)) & !(1 << 63),
-            namespace: crate::intern::intern(namespace),
-            id: Arc::from(id),
+            namespace: Namespace::new(namespace),
+            id: SmolStr::new(id),
         }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_str()
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The identity's node key in the stitching graph.
@@ -50,7 +62,74 @@ impl Identity {
 
     /// `"namespace:id"`, the form used to name profiles.
     pub fn display(&self) -> String {
-        format!("{}:{}", self.namespace, self.id)
+        format!("{}:{}", self.namespace(), self.id)
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key && self.namespace == other.namespace && self.id == other.id
+    }
+}
+impl Eq for Identity {}
+impl PartialOrd for Identity {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Identity {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.namespace
+            .cmp(&other.namespace)
+            .then_with(|| self.id.as_str().cmp(other.id.as_str()))
+    }
+}
+impl Hash for Identity {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Equal identities have equal keys.
+        self.key.hash(state);
+    }
+}
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("namespace", &self.namespace())
+            .field("id", &self.id())
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// The serialized form (snapshots) is `{namespace, id, key}`, as when the fields were strings.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "Identity")]
+struct IdentityRepr<'a> {
+    #[serde(borrow)]
+    namespace: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    key: IdKey,
+}
+
+impl Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        IdentityRepr {
+            namespace: self.namespace().into(),
+            id: self.id().into(),
+            key: self.key,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Identity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let repr = IdentityRepr::deserialize(deserializer)?;
+        Ok(Identity {
+            id: SmolStr::new(&repr.id),
+            key: repr.key,
+            namespace: Namespace::new(&repr.namespace),
+        })
     }
 }
 
@@ -205,5 +284,42 @@ pub struct EpochInput {
 impl EpochInput {
     pub fn is_empty(&self) -> bool {
         self.fragments.is_empty() && self.uploads.is_empty() && self.seeds.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_compact_and_order_by_namespace_then_id() {
+        assert_eq!(std::mem::size_of::<Identity>(), 40);
+        let mut ids = vec![
+            Identity::new("email", "b@x"),
+            Identity::new("ecid", "z"),
+            Identity::new("email", "a@x"),
+            Identity::new("email", "a@x"),
+        ];
+        ids.sort();
+        ids.dedup();
+        let shown: Vec<String> = ids.iter().map(Identity::display).collect();
+        assert_eq!(shown, ["ecid:z", "email:a@x", "email:b@x"]);
+        let long = "a-long-identifier-of-more-than-23-bytes@example.org";
+        assert_eq!(Identity::new("email", long).id(), long);
+    }
+
+    #[test]
+    fn an_identity_serializes_as_its_namespace_id_and_key() {
+        let identity = Identity::new("email", "a@x");
+        let json = serde_json::to_value(&identity).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"namespace": "email", "id": "a@x", "key": identity.key()})
+        );
+        let back: Identity = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            (back.key(), back.display()),
+            (identity.key(), identity.display())
+        );
     }
 }
