@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use streamdest_operators::input::{
     EpochInput, Fragment, FragmentWrite, Identity, Mark, UploadWrite, fragment_key,
 };
-use streamdest_operators::intern::intern;
+use streamdest_operators::intern::Name;
 use streamdest_operators::leaf::{Leaf, Path, flatten};
 use streamdest_operators::plan::{AudienceIdx, AudienceKind, Plan};
 
@@ -276,14 +276,14 @@ impl Update {
                 let leaves: Box<[(Path, Leaf)]> = flatten(&attributes)
                     .into_iter()
                     .filter(|(path, _)| plan.reads(path))
-                    .map(|(path, leaf)| (intern(&path), leaf))
+                    .map(|(path, leaf)| (Name::new(&path), leaf))
                     .collect::<Vec<_>>()
                     .into_boxed_slice();
                 let primary = identities.binary_search(&primary).unwrap_or(0) as u32;
                 // Held for the fragment's life: exact-size slices.
                 let fragment = Fragment {
                     key: fragment_key(&dataset, &id),
-                    dataset: intern(&dataset),
+                    dataset: Name::new(&dataset),
                     identities: identities.into_boxed_slice(),
                     primary,
                     leaves,

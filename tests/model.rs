@@ -28,6 +28,7 @@ use serde_json::{Map, Value, json};
 use streamdest::events::{Event, parse_line};
 use streamdest_operators::export::format_time;
 use streamdest_operators::input::Identity;
+use streamdest_operators::intern::Name;
 use streamdest_operators::leaf::{Leaf, Leaves, flatten, nest, path_selects};
 use streamdest_operators::rule::Rule;
 
@@ -755,7 +756,7 @@ impl<'a> Model<'a> {
             }
         }
         best.into_iter()
-            .map(|(p, (_, l))| (p.to_string().into(), l.clone()))
+            .map(|(p, (_, l))| (Name::new(p), l.clone()))
             .collect()
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 
-use crate::intern::Namespace;
+use crate::intern::Name;
 use crate::leaf::{Leaf, Path};
 use crate::plan::AudienceIdx;
 
@@ -28,21 +28,23 @@ pub type ProfileKey = u64;
 /// An identity: a namespace and an id. Orders by `(namespace, id)`, comparing by code point.
 ///
 /// Every fragment and view holds its identities, so an identity is 40 bytes and usually no
-/// allocation: the namespace is interned ([`Namespace`]), an id of up to 23 bytes is held
+/// allocation: the namespace is interned ([`Name`]), an id of up to 23 bytes is held
 /// inline (a longer one is shared by every copy), and the node key is computed once.
-#[derive(Clone)]
+///
+/// Serialized (snapshots) as `{namespace, id, key}`, as when the fields were shared strings.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Identity {
+    namespace: Name,
     id: SmolStr,
     /// A function of the namespace and id, so it never changes the order or equality.
     key: IdKey,
-    namespace: Namespace,
 }
 
 impl Identity {
     pub fn new(namespace: &str, id: &str) -> Self {
         Identity {
             key: stable_hash(&(0u8, namespace, id)) & !(1 << 63),
-            namespace: Namespace::new(namespace),
+            namespace: Name::new(namespace),
             id: SmolStr::new(id),
         }
     }
@@ -100,39 +102,6 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// The serialized form (snapshots) is `{namespace, id, key}`, as when the fields were strings.
-#[derive(Serialize, Deserialize)]
-#[serde(rename = "Identity")]
-struct IdentityRepr<'a> {
-    #[serde(borrow)]
-    namespace: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
-    key: IdKey,
-}
-
-impl Serialize for Identity {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        IdentityRepr {
-            namespace: self.namespace().into(),
-            id: self.id().into(),
-            key: self.key,
-        }
-        .serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Identity {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let repr = IdentityRepr::deserialize(deserializer)?;
-        Ok(Identity {
-            id: SmolStr::new(&repr.id),
-            key: repr.key,
-            namespace: Namespace::new(&repr.namespace),
-        })
-    }
-}
-
 /// The node key of fragment `(dataset, id)`.
 pub fn fragment_key(dataset: &str, id: &str) -> FragKey {
     stable_hash(&(1u8, dataset, id)) | (1 << 63)
@@ -156,8 +125,7 @@ pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
 pub struct Fragment {
     /// [`fragment_key`] of `(dataset, id)`.
     pub key: FragKey,
-    /// Interned.
-    pub dataset: Arc<str>,
+    pub dataset: Name,
     /// Sorted and deduplicated; never empty.
     pub identities: Box<[Identity]>,
     /// Index in `identities` of the identity flagged primary, else of the smallest.

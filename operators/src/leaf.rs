@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use smol_str::SmolStr;
 
 /// One attribute value that is not an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -18,10 +18,11 @@ pub enum Leaf {
     Null,
     Bool(bool),
     /// A JSON number, kept as its canonical text so it is written back exactly as received.
-    Num(Arc<str>),
-    Str(Arc<str>),
+    Num(SmolStr),
+    /// Up to 23 bytes inline, longer ones shared by every copy (as are the other texts).
+    Str(SmolStr),
     /// A JSON array, kept as its canonical JSON text.
-    Array(Arc<str>),
+    Array(SmolStr),
 }
 
 impl Leaf {
@@ -86,8 +87,8 @@ pub fn flatten(attributes: &serde_json::Map<String, Value>) -> Vec<(String, Leaf
     out
 }
 
-/// A dotted attribute path, shared (see [`crate::intern`]).
-pub type Path = Arc<str>;
+/// A dotted attribute path, interned (see [`crate::intern`]).
+pub type Path = crate::intern::Name;
 
 /// A merged profile's attributes: dotted leaf path to value.
 pub type Leaves = BTreeMap<Path, Leaf>;
@@ -158,6 +159,12 @@ pub fn nest<'a>(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_leaf_and_its_path_take_forty_bytes() {
+        // Every fragment and view holds its leaves: the state's size.
+        assert_eq!(std::mem::size_of::<(Path, Leaf)>(), 40);
+    }
 
     #[test]
     fn flatten_and_nest_round_trip() {

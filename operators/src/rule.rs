@@ -724,6 +724,7 @@ impl Parser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intern::Name;
     use crate::leaf::flatten;
     use serde_json::json;
 
@@ -750,7 +751,7 @@ mod tests {
         };
         flatten(object)
             .into_iter()
-            .map(|(p, l)| (p.into(), l))
+            .map(|(p, l)| (Name::new(&p), l))
             .collect()
     }
 

@@ -15,7 +15,7 @@ use streamdest_operators::identity::{AtIdentity, ToIdentity, identities};
 use streamdest_operators::input::{
     Epoch, FragKey, FragRef, Fragment, FragmentWrite, IdKey, Identity, Mark, ProfileKey,
 };
-use streamdest_operators::intern::intern;
+use streamdest_operators::intern::Name;
 use streamdest_operators::leaf::Leaf;
 use streamdest_operators::link::{MarkAt, Role, ToProfile};
 use streamdest_operators::members::MemberChange;
@@ -53,10 +53,10 @@ fn fragment(key: FragKey, identities: &[u64], seq: u64, paths: &[&str]) -> Arc<F
     identities.dedup();
     Arc::new(Fragment {
         key,
-        dataset: intern("d"),
+        dataset: Name::new("d"),
         identities: identities.into(),
         primary: 0,
-        leaves: paths.iter().map(|p| (intern(p), Leaf::Null)).collect(),
+        leaves: paths.iter().map(|p| (Name::new(p), Leaf::Null)).collect(),
         ts: seq as i64,
         seq,
     })
