@@ -121,7 +121,11 @@ pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
 /// Every live version is held once, for its whole life (shared by [`FragRef`]s), so it is
 /// kept compact: exact-size slices, and nothing that the plan can tell (which mapped paths it
 /// has values for: [`Fragment::mapped`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// Serialized (snapshots) in the form it had when it kept those paths, with an empty list in
+/// their place, so that snapshots written before and after read alike.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(from = "FragmentRepr")]
 pub struct Fragment {
     /// [`fragment_key`] of `(dataset, id)`.
     pub key: FragKey,
@@ -137,6 +141,53 @@ pub struct Fragment {
     /// Ingest sequence number of the event that wrote it (ties in `ts` go to the larger).
     /// Unique per version: no two writes share a sequence number.
     pub seq: u64,
+}
+
+/// [`Fragment`]'s serialized form: its fields, then the mapped paths it once kept.
+#[derive(Deserialize)]
+#[serde(rename = "Fragment")]
+struct FragmentRepr {
+    key: FragKey,
+    dataset: Name,
+    identities: Box<[Identity]>,
+    primary: u32,
+    leaves: Box<[(Path, Leaf)]>,
+    ts: i64,
+    seq: u64,
+    /// Ignored: the plan tells.
+    #[allow(dead_code)]
+    mapped: Vec<u16>,
+}
+
+impl From<FragmentRepr> for Fragment {
+    fn from(r: FragmentRepr) -> Fragment {
+        Fragment {
+            key: r.key,
+            dataset: r.dataset,
+            identities: r.identities,
+            primary: r.primary,
+            leaves: r.leaves,
+            ts: r.ts,
+            seq: r.seq,
+        }
+    }
+}
+
+impl Serialize for Fragment {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Fragment", 8)?;
+        s.serialize_field("key", &self.key)?;
+        s.serialize_field("dataset", &self.dataset)?;
+        s.serialize_field("identities", &self.identities)?;
+        s.serialize_field("primary", &self.primary)?;
+        s.serialize_field("leaves", &self.leaves)?;
+        s.serialize_field("ts", &self.ts)?;
+        s.serialize_field("seq", &self.seq)?;
+        // A sequence (a slice), as the list was: an array would be a tuple.
+        s.serialize_field("mapped", &[0u16; 0][..])?;
+        s.end()
+    }
 }
 
 impl Fragment {
@@ -274,6 +325,57 @@ mod tests {
         assert_eq!(shown, ["ecid:z", "email:a@x", "email:b@x"]);
         let long = "a-long-identifier-of-more-than-23-bytes@example.org";
         assert_eq!(Identity::new("email", long).id(), long);
+    }
+
+    #[test]
+    fn a_fragment_serializes_in_the_form_snapshots_have_always_had() {
+        // The form of the fragments, identities and leaves of earlier snapshots.
+        #[derive(Serialize)]
+        struct OldIdentity {
+            namespace: String,
+            id: String,
+            key: u64,
+        }
+        #[derive(Serialize)]
+        struct OldFragment {
+            key: u64,
+            dataset: String,
+            identities: Vec<OldIdentity>,
+            primary: u32,
+            leaves: Vec<(String, Leaf)>,
+            ts: i64,
+            seq: u64,
+            mapped: Vec<u16>,
+        }
+        let email = Identity::new("email", "a@x");
+        let fragment = Fragment {
+            key: fragment_key("crm", "c1"),
+            dataset: Name::new("crm"),
+            identities: vec![email.clone()].into(),
+            primary: 0,
+            leaves: vec![(Name::new("a.b"), Leaf::Num("1".into()))].into(),
+            ts: 5,
+            seq: 7,
+        };
+        let old = |mapped: Vec<u16>| OldFragment {
+            key: fragment.key,
+            dataset: "crm".into(),
+            identities: vec![OldIdentity {
+                namespace: "email".into(),
+                id: "a@x".into(),
+                key: email.key(),
+            }],
+            primary: 0,
+            leaves: vec![("a.b".into(), Leaf::Num("1".into()))],
+            ts: 5,
+            seq: 7,
+            mapped,
+        };
+        let bytes = bincode::serialize(&fragment).unwrap();
+        assert_eq!(bytes, bincode::serialize(&old(vec![])).unwrap());
+        // An older snapshot's list of mapped paths is read and dropped.
+        let older = bincode::serialize(&old(vec![0, 3])).unwrap();
+        assert_eq!(bincode::deserialize::<Fragment>(&older).unwrap(), fragment);
     }
 
     #[test]

@@ -12,21 +12,24 @@
 //! state rather than arrangements: an attribute-only write costs one retraction and one
 //! insertion here and nothing in any arrangement.
 
+use thin_vec::{ThinVec, thin_vec};
+
 use crate::input::{Epoch, FragRef, ProfileKey};
 use crate::plan::AudienceIdx;
 use crate::view::Member;
 
 /// A small multiset of `(value, count)`, with the one-value case (nearly every identity: one
-/// profile, one anchored fragment) kept inline and the rest out of line: every identity,
-/// graph node and profile holds some, so the enum is kept to 16 bytes for an 8-byte `T` (the
-/// counts are `i32`: a count is a number of fragments or of holders).
+/// profile, one anchored fragment) kept inline and the rest in one allocation behind a thin
+/// pointer: every identity, graph node and profile holds some, so the enum is kept to 16
+/// bytes for an 8-byte `T` (the counts are `i32`: a count is a number of fragments or of
+/// holders).
 #[derive(Clone, Debug, Default)]
 pub(crate) enum Counts<T> {
     #[default]
     Empty,
     One(T, i32),
     /// Two or more values; zero counts only while an epoch's changes are applied.
-    Many(Box<Vec<(T, i32)>>),
+    Many(ThinVec<(T, i32)>),
 }
 
 impl<T: PartialEq + Clone> Counts<T> {
@@ -41,9 +44,7 @@ impl<T: PartialEq + Clone> Counts<T> {
                     *self = Counts::Empty;
                 }
             }
-            Counts::One(v, n) => {
-                *self = Counts::Many(Box::new(vec![(v.clone(), *n), (value, diff)]))
-            }
+            Counts::One(v, n) => *self = Counts::Many(thin_vec![(v.clone(), *n), (value, diff)]),
             Counts::Many(all) => {
                 match all.iter_mut().position(|(v, _)| *v == value) {
                     Some(at) => all[at].1 += diff,

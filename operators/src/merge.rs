@@ -60,7 +60,7 @@ pub fn merge<'a>(
         }
     }
     best.into_iter()
-        .map(|(p, (_, l))| (p.clone(), l.clone()))
+        .map(|(p, (_, l))| (*p, l.clone()))
         .collect()
 }
 

@@ -37,21 +37,23 @@ pub enum Member {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyView {
     /// Merged leaves of the mapped paths only, sorted by path.
-    pub leaves: Vec<(Path, Leaf)>,
+    pub leaves: Box<[(Path, Leaf)]>,
     /// Audiences of the policy the profile qualifies for, sorted.
-    pub qualified: Vec<AudienceIdx>,
+    pub qualified: Box<[AudienceIdx]>,
 }
 
 /// A profile at the end of an epoch, for every policy of its stitching.
+///
+/// Every profile's view is held until its next change, so it is held in exact-size slices.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ProfileView {
     /// Sorted, deduplicated, never empty.
-    pub identities: Vec<Identity>,
+    pub identities: Box<[Identity]>,
     /// Index in `identities` of the profile's name: the smallest identity (`privateGraph`) or
     /// the primary identity (`none`).
     pub name: usize,
     /// One per policy of the stitching, in [`Plan::policies_of`] order.
-    pub policies: Vec<PolicyView>,
+    pub policies: Box<[PolicyView]>,
 }
 
 impl ProfileView {
@@ -86,8 +88,6 @@ pub fn assemble<'a>(
         .collect();
     identities.sort();
     identities.dedup();
-    // Views live in the reduce's output until the next change: no spare capacity.
-    identities.shrink_to_fit();
     let name = match kind {
         Stitching::PrivateGraph => 0,
         Stitching::None => identities.binary_search(&primary).unwrap_or(0),
@@ -99,8 +99,8 @@ pub fn assemble<'a>(
         .map(|policy| {
             if plan.policies[policy as usize].removed {
                 return PolicyView {
-                    leaves: Vec::new(),
-                    qualified: Vec::new(),
+                    leaves: Box::default(),
+                    qualified: Box::default(),
                 };
             }
             let rule_paths = &plan.rule_paths[policy as usize];
@@ -109,7 +109,7 @@ pub fn assemble<'a>(
                 fragments.clone(),
                 |p| is_mapped(p) || rule_paths.iter().any(|r| path_selects(r, p)),
             );
-            let qualified: Vec<AudienceIdx> = plan
+            let qualified: Box<[AudienceIdx]> = plan
                 .audiences_of(policy)
                 .filter(|(idx, a)| match &a.kind {
                     AudienceKind::Rule(rule) => rule.eval(&merged),
@@ -117,13 +117,12 @@ pub fn assemble<'a>(
                 })
                 .map(|(idx, _)| idx)
                 .collect();
-            let mut leaves: Vec<_> = merged.into_iter().filter(|(p, _)| is_mapped(p)).collect();
-            leaves.shrink_to_fit();
+            let leaves = merged.into_iter().filter(|(p, _)| is_mapped(p)).collect();
             PolicyView { leaves, qualified }
         })
         .collect();
     Some(ProfileView {
-        identities,
+        identities: identities.into_boxed_slice(),
         name,
         policies,
     })

@@ -542,9 +542,10 @@ fn view(ids: &[u64], qualified: &[u16]) -> Arc<ProfileView> {
         identities: ids.iter().map(|&i| identity(i)).collect(),
         name: 0,
         policies: vec![PolicyView {
-            leaves: vec![],
-            qualified: qualified.to_vec(),
-        }],
+            leaves: Box::default(),
+            qualified: qualified.into(),
+        }]
+        .into(),
     })
 }
 
@@ -816,7 +817,7 @@ fn views_change_only_when_the_view_does() {
     });
     let mut out: Vec<(Epoch, isize, usize, Vec<u16>)> = messages(captured)
         .into_iter()
-        .map(|(_, v, t, d)| (t, d, v.identities.len(), v.policies[0].qualified.clone()))
+        .map(|(_, v, t, d)| (t, d, v.identities.len(), v.policies[0].qualified.to_vec()))
         .collect();
     out.sort();
     assert_eq!(
@@ -890,7 +891,7 @@ fn views_recompute_every_profile_at_a_control_epoch() {
     });
     let mut out: Vec<(Epoch, ProfileKey, isize, Vec<u16>)> = messages(captured)
         .into_iter()
-        .map(|(p, v, t, d)| (t, p, d, v.policies[0].qualified.clone()))
+        .map(|(p, v, t, d)| (t, p, d, v.policies[0].qualified.to_vec()))
         .collect();
     out.sort();
     assert_eq!(

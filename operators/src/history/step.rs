@@ -84,7 +84,7 @@ pub fn decide(
         let qualified = view
             .policies
             .get(slot)
-            .map(|p| p.qualified.as_slice())
+            .map(|p| &p.qualified[..])
             .unwrap_or_default();
         let mut memberships = Vec::new();
         let mut changed = Vec::new();
