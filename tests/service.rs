@@ -60,6 +60,21 @@ fn wait_for(server: &TestServer, n: usize) -> Vec<Recorded> {
     }
 }
 
+/// Waits until `done` holds (or panics after `WAIT`, saying `what` it waited for).
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "not after {WAIT:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `acks.log` in `data` records the export with Idempotency-Key `key` as finished.
+fn acked(data: &Path, key: Option<&str>) -> bool {
+    let log = std::fs::read_to_string(data.join("acks.log")).unwrap_or_default();
+    key.is_some_and(|key| log.lines().any(|line| line == key))
+}
+
 /// No more than `n` requests arrive within `quiet`.
 fn settles_at(server: &TestServer, n: usize, quiet: Duration) -> Vec<Recorded> {
     std::thread::sleep(quiet);
@@ -350,8 +365,10 @@ async fn kill_9_then_restart_sends_what_was_not_acknowledged_with_the_same_key()
     let svc = Service::start(&cfg, &data, &[]);
     assert_eq!(svc.post_events(&[person("a", "John")]), 202);
     let first = wait_for(&endpoint, 1);
-    // The acknowledgement is recorded within a second.
-    std::thread::sleep(Duration::from_millis(1200));
+    let key = first[0].header("idempotency-key");
+    eventually("the first export's acknowledgement recorded", || {
+        acked(&data, key.as_deref())
+    });
     hang.store(true, Ordering::SeqCst);
     assert_eq!(svc.post_events(&[person("b", "John")]), 202);
     let hung = wait_for(&endpoint, 2);
@@ -484,16 +501,19 @@ async fn a_restart_resumes_from_a_snapshot_and_its_outbox() {
         .iter()
         .find(|r| email_of(r) == "p4@x")
         .expect("p4 was tried");
-    std::thread::sleep(Duration::from_millis(1200));
-    assert!(data.join("snapshot.bin").exists(), "{}", svc.stderr());
-    let first = segments(&data)
-        .first()
-        .and_then(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
-        .expect("a segment");
-    assert!(
-        first > 4,
-        "the log before the snapshot is deleted (starts at {first})"
-    );
+    eventually("every delivered export's acknowledgement recorded", || {
+        sent.iter()
+            .filter(|r| email_of(r) != "p4@x")
+            .all(|r| acked(&data, r.header("idempotency-key").as_deref()))
+    });
+    let first_segment = || {
+        segments(&data)
+            .first()
+            .and_then(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
+    };
+    eventually("a snapshot, and the log before it deleted", || {
+        data.join("snapshot.bin").exists() && first_segment().is_some_and(|first| first > 4)
+    });
     svc.kill9();
 
     hang.store(false, Ordering::SeqCst);
