@@ -25,7 +25,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::input::{IdKey, ProfileKey};
 use crate::members::Counts;
 
-/// One identity in the graph (40 bytes: the graph holds every identity on one worker).
+/// One identity in the graph (32 bytes: the graph holds every identity on one worker).
 #[derive(Debug)]
 struct Node {
     /// Its component's label once settled, else [`UNSETTLED`].
