@@ -28,7 +28,8 @@ pub(crate) enum Counts<T> {
     #[default]
     Empty,
     One(T, i32),
-    /// Two or more values; zero counts only while an epoch's changes are applied.
+    /// Two or more values, none with a zero count (a count may be negative for a while: a
+    /// retraction can come before its insertion within an epoch).
     Many(ThinVec<(T, i32)>),
 }
 
