@@ -98,16 +98,16 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
 /// Refuses attribute names that contain `.`: a dotted path names a nested leaf, so such a name
 /// would collide with one.
 fn check_attribute_names(map: &Map<String, Value>, prefix: &str) -> Result<(), EventError> {
+    // Paths are spelled out only where needed: for an error, or to descend.
     for (name, value) in map {
-        let path = format!("{prefix}.{name}");
         if name.contains('.') {
             return Err(field_err(
-                path,
+                format!("{prefix}.{name}"),
                 "an attribute name must not contain '.' (it would read as a nested path)",
             ));
         }
         if let Value::Object(inner) = value {
-            check_attribute_names(inner, &path)?;
+            check_attribute_names(inner, &format!("{prefix}.{name}"))?;
         }
     }
     Ok(())
@@ -161,23 +161,24 @@ fn identity_map(obj: &Map<String, Value>) -> Result<Vec<(Identity, bool)>, Event
     };
     let mut out = Vec::new();
     for (namespace, entries) in map {
-        let at = format!("identityMap.{namespace}");
+        // Field paths are spelled out only for an error.
+        let at = || format!("identityMap.{namespace}");
         if namespace.is_empty() {
             return Err(field_err("identityMap", "a namespace must not be empty"));
         }
         let entries = entries
             .as_array()
-            .ok_or_else(|| field_err(&at, "must be an array"))?;
+            .ok_or_else(|| field_err(at(), "must be an array"))?;
         for (i, entry) in entries.iter().enumerate() {
-            let at = format!("{at}[{i}]");
+            let at = || format!("{}[{i}]", at());
             let entry = entry
                 .as_object()
-                .ok_or_else(|| field_err(&at, "must be an object"))?;
-            let id = string(entry, "id").map_err(|e| nest(&at, e))?;
+                .ok_or_else(|| field_err(at(), "must be an object"))?;
+            let id = string(entry, "id").map_err(|e| nest(&at(), e))?;
             let primary = match entry.get("primary") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(field_err(format!("{at}.primary"), "must be a boolean")),
+                Some(_) => return Err(field_err(format!("{}.primary", at()), "must be a boolean")),
             };
             out.push((Identity::new(namespace, &id), primary));
         }

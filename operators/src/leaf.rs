@@ -65,11 +65,13 @@ impl Leaf {
 pub fn flatten(attributes: &serde_json::Map<String, Value>) -> Vec<(String, Leaf)> {
     fn walk(prefix: &str, map: &serde_json::Map<String, Value>, out: &mut Vec<(String, Leaf)>) {
         for (key, value) in map {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            // Concatenated, not `format!`ed: every attribute of every event passes here.
+            let mut path = String::with_capacity(prefix.len() + 1 + key.len());
+            if !prefix.is_empty() {
+                path.push_str(prefix);
+                path.push('.');
+            }
+            path.push_str(key);
             match value {
                 Value::Object(inner) => walk(&path, inner, out),
                 other => {
