@@ -32,7 +32,7 @@ pub type ProfileKey = u64;
 /// inline (a longer one is shared by every copy), and the node key is computed once.
 ///
 /// Serialized (snapshots) as `{namespace, id, key}`, as when the fields were shared strings.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Identity {
     namespace: Name,
     id: SmolStr,
@@ -90,15 +90,6 @@ impl Hash for Identity {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Equal identities have equal keys.
         self.key.hash(state);
-    }
-}
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("namespace", &self.namespace())
-            .field("id", &self.id())
-            .field("key", &self.key)
-            .finish()
     }
 }
 
